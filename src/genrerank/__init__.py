@@ -1,0 +1,3 @@
+"""genrerank: generative re-ranking for recommender systems."""
+
+__version__ = "0.1.0"

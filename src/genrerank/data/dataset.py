@@ -1,0 +1,182 @@
+"""Torch dataset over a data set folder, and the padded batch every model consumes.
+
+Requests differ in n (candidates) and m (exposed list length), so a batch is padded to the
+largest n and m inside it and carries masks: ``candidate_mask[b, i]`` is True for a real
+candidate, ``position_mask[b, j]`` for a real exposed position. Padded slots hold zeros (indices
+0, features 0.0, labels 0.0); every model, loss and metric must read the masks, never the zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+from genrerank.data.schema import SPLITS, FeatureSpec, read_dataset
+
+
+@dataclass
+class Batch:
+    """A padded batch. B = requests, N = max candidates, M = max list length."""
+
+    request_index: torch.Tensor  # [B] long: row of the request in its data set
+    user_cat: torch.Tensor  # [B, Fuc] long
+    user_dense: torch.Tensor  # [B, Fud] float
+    item_cat: torch.Tensor  # [B, N, Fic] long
+    item_dense: torch.Tensor  # [B, N, Fid] float
+    upstream_score: torch.Tensor  # [B, N] float
+    category: torch.Tensor  # [B, N] long
+    creator: torch.Tensor  # [B, N] long
+    is_cold_start: torch.Tensor  # [B, N] bool
+    is_long_tail: torch.Tensor  # [B, N] bool
+    candidate_mask: torch.Tensor  # [B, N] bool
+    exposed: torch.Tensor  # [B, M] long: candidate index shown at each position
+    position_mask: torch.Tensor  # [B, M] bool
+    labels: dict[str, torch.Tensor]  # signal -> [B, M] float; only signals the source has
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.candidate_mask.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                moved[f.name] = {k: v.to(device) for k, v in value.items()}
+            else:
+                moved[f.name] = value.to(device)
+        return Batch(**moved)
+
+    def exposed_attribute(self, values: torch.Tensor) -> torch.Tensor:
+        """Gather a per-candidate tensor [B, N, ...] at the exposed positions -> [B, M, ...]."""
+        index = self.exposed
+        for _ in range(values.dim() - 2):
+            index = index.unsqueeze(-1)
+        index = index.expand(*self.exposed.shape, *values.shape[2:])
+        return torch.gather(values, 1, index)
+
+
+class _Ragged:
+    """A list column flattened to values + offsets, for O(1) slicing per request."""
+
+    def __init__(self, column: pa.ChunkedArray, depth: int, dtype: np.dtype, width: int = 0):
+        arr = column.combine_chunks()
+        self.offsets = arr.offsets.to_numpy().astype(np.int64) - int(arr.offsets[0].as_py())
+        values = arr.flatten()
+        for _ in range(depth - 1):
+            values = values.flatten()
+        flat = values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+        self.values = flat.reshape(-1, width) if depth == 2 else flat
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+
+class RerankDataset(Dataset):
+    """Requests of one split (or all), held in memory as flat arrays."""
+
+    def __init__(
+        self,
+        source: str | Path | tuple[pa.Table, FeatureSpec],
+        split: str | Sequence[str] | None = None,
+    ) -> None:
+        table, spec = read_dataset(source) if isinstance(source, str | Path) else source
+        if split is not None:
+            wanted = [split] if isinstance(split, str) else list(split)
+            bad = [s for s in wanted if s not in SPLITS]
+            if bad:
+                raise ValueError(f"unknown split(s) {bad}; choose from {SPLITS}")
+            mask = np.isin(table.column("split").to_numpy(zero_copy_only=False), wanted)
+            self.rows = np.flatnonzero(mask)
+            table = table.filter(pa.array(mask))
+        else:
+            self.rows = np.arange(table.num_rows)
+        self.spec = spec
+        self.table = table
+        self.request_ids = table.column("request_id").to_numpy(zero_copy_only=False)
+        col = table.column
+        self._user_cat = _Ragged(col("user_cat"), 1, np.int64)
+        self._user_dense = _Ragged(col("user_dense"), 1, np.float32)
+        self._item_cat = _Ragged(col("item_cat"), 2, np.int64, len(spec.item_categorical))
+        self._item_dense = _Ragged(col("item_dense"), 2, np.float32, len(spec.item_dense))
+        self._per_candidate = {
+            "upstream_score": _Ragged(col("upstream_score"), 1, np.float32),
+            "category": _Ragged(col("category"), 1, np.int64),
+            "creator": _Ragged(col("creator"), 1, np.int64),
+            "is_cold_start": _Ragged(col("is_cold_start"), 1, np.bool_),
+            "is_long_tail": _Ragged(col("is_long_tail"), 1, np.bool_),
+        }
+        self._exposed = _Ragged(col("exposed"), 1, np.int64)
+        self._labels = {s: _Ragged(col(f"label_{s}"), 1, np.float32) for s in spec.labels}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "request_index": int(self.rows[i]),
+            "user_cat": self._user_cat[i],
+            "user_dense": self._user_dense[i],
+            "item_cat": self._item_cat[i],
+            "item_dense": self._item_dense[i],
+            "exposed": self._exposed[i],
+            "labels": {s: r[i] for s, r in self._labels.items()},
+        }
+        for name, ragged in self._per_candidate.items():
+            item[name] = ragged[i]
+        return item
+
+
+def collate(items: Sequence[dict[str, Any]]) -> Batch:
+    """Pad a list of requests (from RerankDataset) into one Batch with masks."""
+    if not items:
+        raise ValueError("collate: empty batch")
+    b = len(items)
+    n_max = max(len(it["upstream_score"]) for it in items)
+    m_max = max(len(it["exposed"]) for it in items)
+    fic = items[0]["item_cat"].shape[1]
+    fid = items[0]["item_dense"].shape[1]
+
+    def pad(name: str, width: int, dtype: np.dtype, trailing: tuple[int, ...] = ()) -> np.ndarray:
+        out = np.zeros((b, width, *trailing), dtype=dtype)
+        for k, it in enumerate(items):
+            v = it[name]
+            out[k, : len(v)] = v
+        return out
+
+    cand_mask = np.zeros((b, n_max), dtype=np.bool_)
+    pos_mask = np.zeros((b, m_max), dtype=np.bool_)
+    labels = {s: np.zeros((b, m_max), dtype=np.float32) for s in items[0]["labels"]}
+    for k, it in enumerate(items):
+        cand_mask[k, : len(it["upstream_score"])] = True
+        m = len(it["exposed"])
+        pos_mask[k, :m] = True
+        for s, v in it["labels"].items():
+            labels[s][k, :m] = v
+
+    t = torch.from_numpy
+    return Batch(
+        request_index=torch.tensor([it["request_index"] for it in items], dtype=torch.long),
+        user_cat=t(np.stack([it["user_cat"] for it in items]).astype(np.int64)).reshape(b, -1),
+        user_dense=t(np.stack([it["user_dense"] for it in items]).astype(np.float32)).reshape(
+            b, -1
+        ),
+        item_cat=t(pad("item_cat", n_max, np.int64, (fic,))),
+        item_dense=t(pad("item_dense", n_max, np.float32, (fid,))),
+        upstream_score=t(pad("upstream_score", n_max, np.float32)),
+        category=t(pad("category", n_max, np.int64)),
+        creator=t(pad("creator", n_max, np.int64)),
+        is_cold_start=t(pad("is_cold_start", n_max, np.bool_)),
+        is_long_tail=t(pad("is_long_tail", n_max, np.bool_)),
+        candidate_mask=t(cand_mask),
+        exposed=t(pad("exposed", m_max, np.int64)),
+        position_mask=t(pos_mask),
+        labels={s: t(v) for s, v in labels.items()},
+    )

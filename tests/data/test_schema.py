@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from genrerank.data.schema import (
+    REQUESTS_FILE,
+    SPEC_FILE,
+    DataValidationError,
+    FeatureSpec,
+    read_dataset,
+    table_from_rows,
+    write_dataset,
+)
+from tests.conftest import tiny_rows, tiny_spec
+
+
+def test_round_trip_keeps_values_and_records_version(tiny_dataset: Path) -> None:
+    table, spec = read_dataset(tiny_dataset, validate=True)
+    assert table.num_rows == 3
+    assert spec.labels == ["click", "like"]
+    assert spec.max_candidates == 4 and spec.max_list_length == 3
+    assert table.column("exposed")[2].as_py() == [3, 1, 0]
+    assert table.column("label_like")[2].as_py() == [0.0, 0.0, 1.0]
+    meta = pq.read_schema(tiny_dataset / REQUESTS_FILE).metadata
+    assert meta[b"genrerank.schema_version"] == b"1"
+    assert json.loads((tiny_dataset / SPEC_FILE).read_text())["source"] == "tiny"
+
+
+def test_absent_signal_has_no_column(tiny_dataset: Path) -> None:
+    table, _ = read_dataset(tiny_dataset)
+    assert "label_long_view" not in table.column_names
+    assert "label_watch_time" not in table.column_names
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r[1].update(request_id="r0"), "'request_id': duplicate of row 0"),
+        (lambda r: r[0].update(item_id=["a", "a", "c"]), "'item_id': duplicate candidate 'a'"),
+        (lambda r: r[0].update(upstream_score=[1.0, float("nan"), 0.0]), "'upstream_score': NaN"),
+        (lambda r: r[2].update(item_dense=[[0.0], [1.0], [float("inf")], [3.0]]), "'item_dense'"),
+        (lambda r: r[0].update(exposed=[2, 2]), "'exposed': repeated candidate"),
+        (lambda r: r[0].update(exposed=[5, 0]), "'exposed': candidate index out of range"),
+        (lambda r: r[1].update(exposed=[0, 1, 0]), "'exposed': 3 exposed items but only 2"),
+        (lambda r: r[0].update(label_click=[2.0, 0.0]), "'label_click': invalid value 2.0"),
+        (lambda r: r[0].update(label_click=[1.0]), "'label_click': has 1 values for 2"),
+        (lambda r: r[0].update(category=[1, 9, 1]), "'category': index 9 outside vocabulary"),
+        (lambda r: r[1].update(split="holdout"), "'split': must be one of"),
+        (lambda r: r[2].update(creator=[1, 2]), "'creator': has 2 values for 4 candidates"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path: Path, mutate, message: str) -> None:
+    rows = tiny_rows()
+    mutate(rows)
+    with pytest.raises(DataValidationError, match=message.replace("(", r"\(")):
+        write_dataset(tmp_path / "out", table_from_rows(rows, tiny_spec()), tiny_spec())
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+
+
+def test_empty_candidate_list_is_rejected(tmp_path: Path) -> None:
+    rows = tiny_rows()
+    rows[1].update(item_id=[], item_cat=[], item_dense=[], upstream_score=[], category=[],
+                   creator=[], is_cold_start=[], is_long_tail=[], exposed=[], label_click=[],
+                   label_like=[])
+    with pytest.raises(DataValidationError, match="row 1 .* no candidates"):
+        write_dataset(tmp_path / "out", table_from_rows(rows, tiny_spec()), tiny_spec())
+
+
+def test_failed_overwrite_keeps_previous_data(tiny_dataset: Path) -> None:
+    before = (tiny_dataset / REQUESTS_FILE).read_bytes()
+    rows = tiny_rows()
+    rows[0]["exposed"] = [0, 0]
+    with pytest.raises(DataValidationError):
+        write_dataset(tiny_dataset, table_from_rows(rows, tiny_spec()), tiny_spec(), overwrite=True)
+    assert (tiny_dataset / REQUESTS_FILE).read_bytes() == before
+    assert sorted(p.name for p in tiny_dataset.parent.iterdir()) == ["tiny"]
+
+
+def test_existing_folder_needs_overwrite(tiny_dataset: Path) -> None:
+    with pytest.raises(FileExistsError):
+        write_dataset(tiny_dataset, table_from_rows(tiny_rows(), tiny_spec()), tiny_spec())
+    write_dataset(tiny_dataset, table_from_rows(tiny_rows(), tiny_spec()), tiny_spec(),
+                  overwrite=True)
+    assert read_dataset(tiny_dataset)[0].num_rows == 3
+
+
+def test_unknown_label_and_version_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(DataValidationError, match="unknown label"):
+        FeatureSpec(source="x", labels=["purchase"])
+    data = tiny_spec().to_dict()
+    data["schema_version"] = 99
+    with pytest.raises(DataValidationError, match="schema_version 99"):
+        FeatureSpec.from_dict(data)
+    with pytest.raises(FileNotFoundError, match="no requests.parquet"):
+        read_dataset(tmp_path)
