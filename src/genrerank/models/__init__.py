@@ -1,0 +1,1 @@
+"""Re-ranking models, one file each."""
