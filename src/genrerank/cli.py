@@ -100,7 +100,9 @@ def stats_cmd(data_dir: Path) -> None:
 
 @main.command()
 @click.option("--preset", default="kuaishou", show_default=True)
-@click.option("--requests", "n_requests", type=click.IntRange(100), default=5_000, show_default=True)
+@click.option(
+    "--requests", "n_requests", type=click.IntRange(100), default=5_000, show_default=True
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/demo"),
               show_default=True)
