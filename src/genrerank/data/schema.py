@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -181,14 +182,19 @@ def nested_list_column(
 # --------------------------------------------------------------------------- validation
 
 
-def _flat(table: pa.Table, name: str, depth: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Flat values and per-row lengths of a list column (``depth`` = nesting)."""
+def _lengths(table: pa.Table, name: str) -> np.ndarray:
+    """Per-row lengths of a list column (no value conversion: item ids are millions of strings)."""
     col = table.column(name).combine_chunks()
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataValidationError(f"row {row}: field {name!r} is null")
-    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
-    values = col.flatten()
+    return col.value_lengths().to_numpy(zero_copy_only=False)
+
+
+def _flat(table: pa.Table, name: str, depth: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Flat values and per-row lengths of a numeric list column (``depth`` = nesting)."""
+    lengths = _lengths(table, name)
+    values = table.column(name).combine_chunks().flatten()
     for _ in range(depth - 1):
         values = values.flatten()
     return values.to_numpy(zero_copy_only=False), lengths
@@ -234,16 +240,16 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
     if bad.any():
         fail(int(np.flatnonzero(bad)[0]), "split", f"must be one of {SPLITS}")
 
-    _, n = _flat(table, "item_id")
+    n = _lengths(table, "item_id")
     if (n == 0).any():
         fail(int(np.flatnonzero(n == 0)[0]), "item_id", "no candidates")
     for name in ("upstream_score", "category", "creator", "is_cold_start", "is_long_tail"):
-        _, ln = _flat(table, name)
+        ln = _lengths(table, name)
         if (ln != n).any():
             r = int(np.flatnonzero(ln != n)[0])
             fail(r, name, f"has {ln[r]} values for {n[r]} candidates")
     for name, feats in (("item_cat", spec.item_categorical), ("item_dense", spec.item_dense)):
-        _, ln = _flat(table, name)
+        ln = _lengths(table, name)
         if (ln != n).any():
             r = int(np.flatnonzero(ln != n)[0])
             fail(r, name, f"has {ln[r]} rows for {n[r]} candidates")
@@ -252,21 +258,23 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
             r = _row_of(int(np.flatnonzero(inner != len(feats))[0]), n)
             fail(r, name, f"each candidate needs {len(feats)} values")
     for name, feats in (("user_cat", spec.user_categorical), ("user_dense", spec.user_dense)):
-        _, ln = _flat(table, name)
+        ln = _lengths(table, name)
         if (ln != len(feats)).any():
             r = int(np.flatnonzero(ln != len(feats))[0])
             fail(r, name, f"has {ln[r]} values, spec declares {len(feats)}")
 
-    # Duplicate candidate ids inside one request.
-    item_ids, _ = _flat(table, "item_id")
+    # Duplicate candidate ids inside one request; integer codes keep this fast for millions of ids.
+    encoded = pc.dictionary_encode(table.column("item_id").combine_chunks().flatten())
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
     row_of_item = np.repeat(np.arange(len(n)), n)
-    order = np.lexsort((item_ids, row_of_item))
+    order = np.lexsort((codes, row_of_item))
     same = (row_of_item[order][1:] == row_of_item[order][:-1]) & (
-        item_ids[order][1:] == item_ids[order][:-1]
+        codes[order][1:] == codes[order][:-1]
     )
     if same.any():
         k = int(np.flatnonzero(same)[0])
-        fail(int(row_of_item[order][k]), "item_id", f"duplicate candidate {item_ids[order][k]!r}")
+        dup = encoded.dictionary[int(codes[order][k])].as_py()
+        fail(int(row_of_item[order][k]), "item_id", f"duplicate candidate {dup!r}")
 
     for name in ("user_dense", "upstream_score"):
         vals, ln = _flat(table, name)
