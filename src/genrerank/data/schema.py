@@ -353,7 +353,9 @@ def _atomic_replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+            raise FileExistsError(
+                f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it"
+            )
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
