@@ -1,0 +1,67 @@
+"""What every trainable re-ranker shares: a registry, a config dataclass, one forward signature.
+
+A model is built by name from a FeatureSpec and a config dict (``build_model("nar4rec", spec,
+{"dim": 64})``), takes a padded :class:`~genrerank.data.dataset.Batch` and returns a
+:class:`~genrerank.losses.base.ModelOutput` whose ``log_probs [B, N, M]`` are a log-softmax over
+candidates for each position. Models that score items rather than positions (pointwise, PRM)
+express their scores as the same matrix, so every loss, decoder and metric works on all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from torch import nn
+
+from genrerank.data.dataset import Batch
+from genrerank.data.schema import FeatureSpec
+
+MODELS: dict[str, type[RerankModel]] = {}
+
+
+def register_model(name: str) -> Callable[[type[RerankModel]], type[RerankModel]]:
+    def add(cls: type[RerankModel]) -> type[RerankModel]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        cls.name = name
+        MODELS[name] = cls
+        return cls
+
+    return add
+
+
+class RerankModel(nn.Module):
+    """Base class: subclasses set ``Config`` (a dataclass) and implement ``forward``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+
+    def __init__(self, spec: FeatureSpec, config: Any) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = config
+
+    def forward(self, batch: Batch) -> Any:  # -> ModelOutput
+        raise NotImplementedError
+
+
+def make_config(cls: type, values: dict[str, Any] | None) -> Any:
+    """Build a config dataclass, naming any key it does not have."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__qualname__}: unknown option(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def build_model(name: str, spec: FeatureSpec, config: dict[str, Any] | None = None) -> RerankModel:
+    """A model by registry name (import genrerank.models first so all are registered)."""
+    import genrerank.models  # noqa: F401  (registers the built-in models)
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    cls = MODELS[name]
+    return cls(spec, make_config(cls.Config, config))
