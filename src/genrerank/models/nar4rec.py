@@ -82,8 +82,12 @@ class NAR4Rec(RerankModel):
         x = self.encoder(tokens, src_key_padding_mask=~cand_mask)
         x = self.out_norm(x)
         t = self.positions[:m].unsqueeze(0).expand(x.shape[0], m, -1)
-        # Every position attends to every other: the list is written jointly, not left to right.
-        p = self.position_encoder(t, x, memory_key_padding_mask=~cand_mask)
+        # Every position attends to every other real position: the list is written jointly, not
+        # left to right. Without an explicit length, the batch's own list lengths apply.
+        pos_pad = ~batch.position_mask if list_length is None else None
+        p = self.position_encoder(
+            t, x, tgt_key_padding_mask=pos_pad, memory_key_padding_mask=~cand_mask
+        )
 
         d = x.shape[-1]
         scores = torch.einsum("bnd,bmd->bnm", self.item_proj(x), self.pos_proj(p)) / math.sqrt(d)

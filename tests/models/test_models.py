@@ -1,0 +1,81 @@
+"""Every registered model: shapes, probabilities, and padding that changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from genrerank.data.dataset import RerankDataset, collate
+from genrerank.data.simulator import simulate_to_dir
+from genrerank.models import MODELS, build_model
+
+SMALL = {"dim": 16}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> RerankDataset:
+    out = tmp_path_factory.mktemp("sim") / "d"
+    simulate_to_dir("kuaishou", 64, 0, out, progress=False)
+    return RerankDataset(out)
+
+
+def _shrink(item: dict, n: int) -> dict:
+    """The same request with only its first n candidates (exposed items kept among them)."""
+    keep = dict(item)
+    for key in ("item_cat", "item_dense", "upstream_score", "category", "creator",
+                "is_cold_start", "is_long_tail"):
+        keep[key] = item[key][:n]
+    keep["exposed"] = item["exposed"][item["exposed"] < n][:3]
+    keep["labels"] = {s: v[item["exposed"] < n][:3] for s, v in item["labels"].items()}
+    return keep
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_outputs_are_distributions_over_real_candidates(name: str, data: RerankDataset) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, data.spec, SMALL).eval()
+    short = _shrink(data[0], 20)
+    batch = collate([short, data[1]])
+    out = model(batch)
+    assert out.log_probs.shape == (2, 60, 6)
+    probs = out.log_probs.exp()
+    assert torch.allclose(probs.sum(1), torch.ones(2, 6), atol=1e-5)
+    assert probs[0, 20:].abs().max() == 0  # padded candidates can never be chosen
+    assert out.click_logits is not None and out.click_logits.shape == (2, 60, 6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_padding_changes_nothing(name: str, data: RerankDataset) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, data.spec, SMALL).eval()
+    short = _shrink(data[2], 25)
+    alone = model(collate([short]))
+    padded = model(collate([short, data[3]]))  # pads request 0 to n = 60, m = 6
+    m = alone.log_probs.shape[2]
+    torch.testing.assert_close(padded.log_probs[0, :25, :m], alone.log_probs[0, :, :m],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.click_logits[0, :25, :m], alone.click_logits[0, :, :m],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_build_model_names_bad_input(data: RerankDataset) -> None:
+    with pytest.raises(ValueError, match="unknown model 'nope'.*nar4rec"):
+        build_model("nope", data.spec)
+    with pytest.raises(ValueError, match="unknown option.*'width'"):
+        build_model("nar4rec", data.spec, {"width": 3})
+    with pytest.raises(ValueError, match="divisible"):
+        build_model("nar4rec", data.spec, {"dim": 10, "heads": 4})
+
+
+def test_models_learn_from_gradients(data: RerankDataset, tmp_path: Path) -> None:
+    batch = collate([data[i] for i in range(8)])
+    for name in sorted(MODELS):
+        torch.manual_seed(0)
+        model = build_model(name, data.spec, SMALL)
+        out = model(batch)
+        loss = -out.log_probs.gather(1, batch.exposed.unsqueeze(1)).mean()
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), name
