@@ -1,0 +1,582 @@
+"""One plain-torch training loop shared by every re-ranker (in the spirit of nanoGPT).
+
+The trainer sees the train and validation splits only; validation drives early stopping and the
+choice of ``best/``, and the test split never reaches it. Runs are reproducible on CPU: the same
+seed gives bit-identical weights, and ``fit(resume=True)`` after a stop continues exactly as if
+training had never stopped, because
+
+- the shuffle of epoch ``e`` is a pure function of ``(seed, e)`` (a seeded torch.Generator), so a
+  resumed epoch just skips the batches it already did;
+- the learning rate is a pure function of the step;
+- model, optimizer, python/numpy/torch RNG states and the early-stopping counter are restored
+  from ``last/``;
+- validation runs with the RNG states saved and restored around it, so how often one validates
+  never changes the training trajectory.
+
+Outputs in ``out_dir``: ``last/`` and ``best/`` checkpoints (see :mod:`.checkpoint`),
+``metrics.jsonl`` (one JSON line per evaluation) and ``tensorboard/`` event files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from genrerank.data.dataset import RerankDataset, collate
+from genrerank.training.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    load_checkpoint,
+    load_tensors_into,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from genrerank.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+ValidateFn = Callable[[nn.Module, DataLoader], dict[str, float]]
+
+# Train-config fields that change the trajectory; resuming with other values gets a warning.
+_TRAJECTORY_FIELDS = (
+    "seed",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "grad_clip",
+    "lr_schedule",
+    "warmup_steps",
+    "min_lr_ratio",
+    "select_metric",
+    "select_mode",
+)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (call before building a model for reproducible init)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without disturbing the python/numpy/torch random streams."""
+    state = rng_state(cuda=torch.cuda.is_available())
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s shuffle: independent streams for every (seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation fixed by (seed, epoch), starting at position ``start``."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=generator)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.start)
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Counters saved in ``last/`` for an exact resume."""
+
+    epoch: int = 0  # completed epochs
+    epoch_step: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps in all
+    best_value: float | None = None
+    best_epoch: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, float] | None = None
+    bad_evals: int = 0  # evaluations since the last improvement (early-stopping counter)
+    last_eval_step: int = -1
+    # Running train-loss sums since the last evaluation, for the metrics.jsonl record.
+    train_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_count: int = 0
+
+
+class Trainer:
+    """Train ``model`` with ``objective`` on ``train_data``, selecting on ``valid_data``.
+
+    ``objective(out, batch)`` must return ``(total_loss, {component: tensor})``. Validation
+    metrics are ``loss`` and ``loss/<component>`` (batch-size weighted means of the objective)
+    plus whatever ``validate_fn(model, valid_loader)`` returns (its keys win on a clash); the
+    valid loader yields CPU batches in a fixed order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: nn.Module | Callable[..., Any],
+        train_data: RerankDataset,
+        valid_data: RerankDataset,
+        config: TrainConfig,
+        out_dir: str | Path,
+        validate_fn: ValidateFn | None = None,
+        *,
+        loss_config: Sequence[dict[str, Any]] | dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if len(train_data) == 0:
+            raise ValueError("Trainer: the training split has no requests")
+        if len(valid_data) == 0:
+            raise ValueError("Trainer: the validation split has no requests")
+        self.model = model
+        self.objective = objective
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.validate_fn = validate_fn
+        self.loss_config = loss_config if loss_config is not None else []
+        self.overwrite = overwrite
+        self.steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+        self.device = torch.device(config.device)
+        self.history: list[dict[str, Any]] = []
+        self.stop_reason: str | None = None
+        self.state = TrainerState()
+        self.calibration: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def last_dir(self) -> Path:
+        return self.out_dir / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.out_dir / "best"
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): warm-up, then the schedule."""
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        total = cfg.epochs * self.steps_per_epoch
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        low = cfg.lr * cfg.min_lr_ratio
+        return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - low)
+
+    def valid_loader(self) -> DataLoader:
+        return DataLoader(
+            self.valid_data,
+            batch_size=self.config.eval_batch_size or self.config.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(0),  # keep the global RNG untouched
+        )
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation metrics of the current model (see the class docstring)."""
+        was_training = self.model.training
+        self.model.eval()
+        if isinstance(self.objective, nn.Module):
+            self.objective.eval()
+        loader = self.valid_loader()
+        sums: dict[str, float] = {}
+        count = 0
+        try:
+            for batch in loader:
+                batch = batch.to(self.device)
+                total, components = self.objective(self.model(batch), batch)
+                size = batch.batch_size
+                count += size
+                for key, value in _loss_values(total, components).items():
+                    sums[key] = sums.get(key, 0.0) + value * size
+            metrics = {k: v / count for k, v in sums.items()}
+            if self.validate_fn is not None:
+                extra = self.validate_fn(self.model, loader)
+                metrics.update({k: float(v) for k, v in extra.items()})
+        finally:
+            self.model.train(was_training)
+            if isinstance(self.objective, nn.Module):
+                self.objective.train(was_training)
+        return metrics
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train until ``epochs`` or early stopping; returns the best validation metrics plus
+        ``epoch`` and ``step`` of that evaluation. Leaves the model holding the best weights.
+
+        ``resume=True`` continues from ``out_dir/last`` (model, optimizer, counters, best metric,
+        patience counter, RNG states): stopping and resuming gives the same weights as never
+        stopping.
+        """
+        cfg = self.config
+        torch.set_num_threads(cfg.num_threads)
+        self.model.to(self.device)
+        if isinstance(self.objective, nn.Module):
+            self.objective.to(self.device)
+        seed_everything(cfg.seed)
+        optimizer = self._make_optimizer()
+        self.history, self.stop_reason = [], None
+        self.calibration = self._calibrate_objective()
+        if resume:
+            self.state = self._restore(optimizer)
+        else:
+            self._start_fresh()
+            self.state = TrainerState()
+        self._trim_history(self.state.step)
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events a crashed run logged after the checkpoint we resume from
+        # (those at the checkpoint's own step were logged before it was written: keep them).
+        writer = SummaryWriter(
+            str(self.out_dir / TENSORBOARD_DIR), purge_step=self.state.step + 1 if resume else None
+        )
+        try:
+            self._loop(optimizer, writer)
+        finally:
+            writer.close()
+
+        state = self.state
+        if state.best_metrics is None:  # cannot happen: training always ends with an evaluation
+            raise RuntimeError("training finished without a validation result")
+        load_tensors_into(self.model, self.best_dir / MODEL_FILE)
+        return {**state.best_metrics, "epoch": state.best_epoch, "step": state.best_step}
+
+    # ------------------------------------------------------------------ loop
+
+    def _loop(self, optimizer: torch.optim.Optimizer, writer: Any) -> None:
+        cfg, state = self.config, self.state
+        show = cfg.progress and sys.stderr.isatty()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        stop = cfg.patience > 0 and state.bad_evals >= cfg.patience
+        if stop:
+            self.stop_reason = "early_stopping"
+        self.model.train()
+        if isinstance(self.objective, nn.Module):
+            self.objective.train()
+        while not stop and state.epoch < cfg.epochs:
+            start = state.epoch_step * cfg.batch_size
+            loader = DataLoader(
+                self.train_data,
+                batch_size=cfg.batch_size,
+                sampler=EpochSampler(len(self.train_data), cfg.seed, state.epoch, start),
+                collate_fn=collate,
+                num_workers=0,
+                # Creating a loader iterator draws a base seed from this generator, or else
+                # from the global torch RNG, which would shift dropout after a mid-epoch resume.
+                generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, state.epoch)),
+            )
+            bar = tqdm(
+                loader,
+                total=self.steps_per_epoch,
+                initial=state.epoch_step,
+                desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+                disable=not show,
+                leave=False,
+            )
+            for batch in bar:
+                values = self._train_step(batch, optimizer, params, writer)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    stop = self._evaluate(optimizer, writer)
+                    if stop:
+                        break
+            bar.close()
+            if stop:
+                break
+            state.epoch += 1
+            state.epoch_step = 0
+            if not cfg.eval_every:
+                stop = self._evaluate(optimizer, writer)
+        if not stop:
+            self.stop_reason = "max_epochs"
+            # Step-based evaluation: the last steps still get validated (and checkpointed).
+            if state.last_eval_step != state.step:
+                self._evaluate(optimizer, writer)
+
+    def _train_step(
+        self,
+        batch: Any,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        writer: Any,
+    ) -> dict[str, float]:
+        cfg, state = self.config, self.state
+        lr = self.lr_at(state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch.to(self.device)
+        out = self.model(batch)
+        total, components = self.objective(out, batch)
+        if not torch.isfinite(total).item():
+            raise FloatingPointError(
+                f"non-finite training loss {total.item()} at epoch {state.epoch + 1}, "
+                f"step {state.step + 1}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = None
+        if cfg.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        optimizer.step()
+        state.step += 1
+        state.epoch_step += 1
+
+        values = _loss_values(total.detach(), {k: v.detach() for k, v in components.items()})
+        for key, value in values.items():
+            writer.add_scalar(f"train/{key}", value, state.step)
+            state.train_sums[key] = state.train_sums.get(key, 0.0) + value
+        state.train_count += 1
+        writer.add_scalar("train/lr", lr, state.step)
+        if grad_norm is not None:
+            writer.add_scalar("train/grad_norm", grad_norm, state.step)
+        return values
+
+    def _evaluate(self, optimizer: torch.optim.Optimizer, writer: Any) -> bool:
+        """Validate, log, checkpoint; True when early stopping says stop."""
+        cfg, state = self.config, self.state
+        with preserved_rng():
+            metrics = self.validate()
+        if cfg.select_metric not in metrics:
+            raise ValueError(
+                f"selection metric {cfg.select_metric!r} is not among the validation metrics "
+                f"{sorted(metrics)}"
+            )
+        value = float(metrics[cfg.select_metric])
+        improved = math.isfinite(value) and (
+            state.best_value is None
+            or (value < state.best_value if cfg.select_mode == "min" else value > state.best_value)
+        )
+        epoch = self._epoch_position()
+        if improved:
+            state.best_value = value
+            state.best_epoch = epoch
+            state.best_step = state.step
+            state.best_metrics = dict(metrics)
+            state.bad_evals = 0
+        else:
+            state.bad_evals += 1
+        state.last_eval_step = state.step
+
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "step": state.step,
+            "lr": self.lr_at(max(0, state.step - 1)),
+            "time": time.time(),
+        }
+        if state.train_count:
+            record.update(
+                {f"train/{k}": v / state.train_count for k, v in state.train_sums.items()}
+            )
+        record.update({f"valid/{k}": v for k, v in metrics.items()})
+        record["is_best"] = improved
+        state.train_sums, state.train_count = {}, 0
+        self.history.append(record)
+        # The history line goes first: a crash before the checkpoint below then only leaves a
+        # line that the resumed run trims (lines past the checkpoint's step are dropped).
+        with (self.out_dir / METRICS_FILE).open("a") as fh:
+            fh.write(json.dumps(_finite_or_none(record)) + "\n")
+        for key, val in metrics.items():
+            writer.add_scalar(f"valid/{key}", val, state.step)
+        writer.flush()
+
+        stop = cfg.patience > 0 and state.bad_evals >= cfg.patience
+        meta = self._meta(metrics)
+        if improved:
+            save_checkpoint(self.best_dir, self.model, meta, objective=self._objective_module())
+        meta["rng"] = rng_state(cuda=self.device.type == "cuda")
+        save_checkpoint(
+            self.last_dir,
+            self.model,
+            meta,
+            optimizer=optimizer,
+            objective=self._objective_module(),
+        )
+        logger.info(
+            "epoch %s step %d: %s=%.6g%s",
+            epoch,
+            state.step,
+            cfg.select_metric,
+            value,
+            " (best)" if improved else "",
+        )
+        if stop:
+            self.stop_reason = "early_stopping"
+        return stop
+
+    # ------------------------------------------------------------------ helpers
+
+    def _calibrate_objective(self) -> dict[str, dict[str, float]]:
+        """Set ``tau`` of loss terms that left it None, from the TRAINING split's utility R."""
+        terms = getattr(self.objective, "losses", None)
+        items = list(terms.items()) if terms is not None else [("objective", self.objective)]
+        pending = [(k, t) for k, t in items if hasattr(t, "tau") and t.tau is None]
+        if not pending:
+            return {}
+        from genrerank.losses.base import list_utility, utility_threshold
+
+        loader = DataLoader(
+            self.train_data,
+            batch_size=1024,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(0),  # keep the global RNG untouched
+        )
+        done: dict[str, dict[str, float]] = {}
+        for key, term in pending:
+            kwargs = {}
+            if hasattr(term, "weights"):
+                kwargs["weights"] = term.weights
+            if hasattr(term, "discount"):
+                kwargs["discount"] = term.discount
+            utilities = torch.cat([list_utility(batch, **kwargs) for batch in loader])
+            term.tau = utility_threshold(utilities, self.config.tau_quantile)
+            done[key] = {"tau": float(term.tau)}
+            logger.info("loss term %s: tau = %.6g from the training split", key, term.tau)
+        return done
+
+    def _epoch_position(self) -> int | float:
+        e = self.state.epoch + self.state.epoch_step / self.steps_per_epoch
+        return int(e) if float(e).is_integer() else round(e, 4)
+
+    def _objective_module(self) -> nn.Module | None:
+        return self.objective if isinstance(self.objective, nn.Module) else None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        objective = self._objective_module()
+        if objective is not None:
+            params += [p for p in objective.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("Trainer: the model has no trainable parameters")
+        # As in nanoGPT: decay matrices and embeddings, not biases and norm gains.
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            g
+            for g in (
+                {"params": decay, "weight_decay": self.config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
+        return torch.optim.AdamW(groups, lr=self.config.lr)
+
+    def _meta(self, metrics: dict[str, float]) -> dict[str, Any]:
+        state, cfg = self.state, self.config
+        return {
+            "train_config": cfg.to_dict(),
+            "loss_config": _json_copy(self.loss_config),
+            "loss_calibration": self.calibration,
+            "epoch": self._epoch_position(),
+            "step": state.step,
+            "metrics": _finite_or_none(metrics),
+            "best_metric": {
+                "name": cfg.select_metric,
+                "mode": cfg.select_mode,
+                "value": state.best_value,
+                "epoch": state.best_epoch,
+                "step": state.best_step,
+            },
+            "trainer_state": dataclasses.asdict(state),
+        }
+
+    def _start_fresh(self) -> None:
+        out = self.out_dir
+        existing = [p for p in (self.last_dir, self.best_dir) if p.exists()]
+        if existing and not self.overwrite:
+            raise FileExistsError(
+                f"{out} already holds a run ({', '.join(p.name for p in existing)}/); "
+                "resume it or pass overwrite=True to start over"
+            )
+        for path in (self.last_dir, self.best_dir, out / TENSORBOARD_DIR):
+            shutil.rmtree(path, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_FILE).write_text("")
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> TrainerState:
+        if not (self.last_dir / "checkpoint.json").is_file() and not any(
+            self.out_dir.glob(".last.old-*")
+        ):
+            raise FileNotFoundError(f"cannot resume: no checkpoint in {self.last_dir}")
+        meta = load_checkpoint(self.last_dir, self.model, optimizer, self._objective_module())
+        name = getattr(self.model, "name", "") or type(self.model).__name__
+        if meta.get("model_name") != name:
+            raise CheckpointError(
+                f"{self.last_dir}: checkpoint is of model {meta.get('model_name')!r}, not {name!r}"
+            )
+        saved = meta.get("train_config", {})
+        now = self.config.to_dict()
+        changed = [k for k in _TRAJECTORY_FIELDS if k in saved and saved[k] != now[k]]
+        if changed:
+            warnings.warn(
+                f"resuming {self.out_dir} with changed train settings {changed}; the run will "
+                "not match an uninterrupted one",
+                stacklevel=3,
+            )
+        set_rng_state(meta["rng"])
+        fields = {f.name for f in dataclasses.fields(TrainerState)}
+        return TrainerState(**{k: v for k, v in meta["trainer_state"].items() if k in fields})
+
+    def _trim_history(self, step: int) -> None:
+        """Keep metrics.jsonl lines up to ``step`` (later ones belong to a crashed run)."""
+        path = self.out_dir / METRICS_FILE
+        if not path.exists():
+            path.write_text("")
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record.get("step", 0) <= step:
+                    kept.append(line)
+                    self.history.append(record)
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _loss_values(total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[str, float]:
+    values = {"loss": float(total)}
+    values.update({f"loss/{k}": float(v) for k, v in components.items()})
+    return values
+
+
+def _finite_or_none(data: dict[str, Any]) -> dict[str, Any]:
+    # Strict JSON (jq, browsers) has no NaN/Infinity.
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()
+    }
+
+
+def _json_copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))
