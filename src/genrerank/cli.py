@@ -99,6 +99,45 @@ def stats_cmd(data_dir: Path) -> None:
 
 
 @main.command()
+@click.option("--model", "model_name", required=True, help="nar4rec, pointwise or prm.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="JSON or TOML run config, layered over the model's defaults.")
+@click.option("--set", "overrides", multiple=True, help="Override: key=value, e.g. train.lr=3e-4.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last/.")
+@click.option("--overwrite", is_flag=True, help="Start over in an existing OUT.")
+@_user_errors
+def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | None,
+          overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+    """Train a model (train split; early stopping and selection on valid)."""
+    from genrerank.experiment import train_run
+
+    best = train_run(model_name, data_dir, out_dir, config_path, overrides, resume, overwrite)
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in best.items())
+    click.echo(f"best (valid): {shown}\nrun saved in {out_dir}")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None)
+@click.option("--decoder", default=None, help="greedy, contrastive, beam, sample, hungarian.")
+@click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
+@_user_errors
+def evaluate(run_dir: Path, data_dir: Path, out_file: Path | None, decoder: str | None,
+             decoder_params: tuple[str, ...]) -> None:
+    """Evaluate a run's selected model on the test split (offline; online on simulator data)."""
+    import json
+
+    from genrerank.experiment import evaluate_run
+
+    result = evaluate_run(run_dir, data_dir, out_file, decoder, _parse_options(decoder_params))
+    click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
 @click.option("--preset", default="kuaishou", show_default=True)
 @click.option(
     "--requests", "n_requests", type=click.IntRange(100), default=5_000, show_default=True

@@ -279,8 +279,20 @@ def test_unlikelihood_tau_is_calibrated_on_train(data, tmp_path):
 
 def test_run_config_defaults():
     config = load_run_config(None, [])
-    assert config == {"model": {}, "train": TrainConfig().to_dict(), "loss": []}
+    assert config == {"model": {}, "train": TrainConfig().to_dict(), "loss": [], "decode": {}}
     assert TrainConfig.from_dict(config["train"]) == TrainConfig()
+
+
+def test_run_config_base_layer_sits_under_the_user_file(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text('{"model": {"name": "m", "dim": 8}, "loss": [{"name": "a"}], '
+                    '"decode": {"name": "greedy"}}')
+    user = tmp_path / "user.json"
+    user.write_text('{"model": {"dim": 16}, "loss": [{"name": "b"}]}')
+    config = load_run_config(user, ["decode.alpha=0.5"], base=base)
+    assert config["model"] == {"name": "m", "dim": 16}
+    assert config["loss"] == [{"name": "b"}]
+    assert config["decode"] == {"name": "greedy", "alpha": 0.5}
 
 
 def test_run_config_layers_json_and_overrides(tmp_path):

@@ -1,10 +1,14 @@
 """Training configuration and the layered run config: defaults < config file < ``--set`` overrides.
 
-A run config has three sections::
+A run config has four sections::
 
-    {"model": {"name": "nar4rec", "dim": 64},      # model name + its Config fields
-     "train": {"lr": 0.001, "epochs": 20, ...},     # TrainConfig fields
-     "loss":  [{"name": "likelihood"}, ...]}        # terms for genrerank.losses.build_objective
+    {"model":  {"name": "nar4rec", "dim": 64},      # model name + its Config fields
+     "train":  {"lr": 0.001, "epochs": 20, ...},     # TrainConfig fields
+     "loss":   [{"name": "likelihood"}, ...],        # terms for genrerank.losses.build_objective
+     "decode": {"name": "contrastive", "alpha": 0.6}}  # default decoding strategy for the model
+
+Layers, lowest first: TrainConfig defaults < the model's packaged defaults
+(``genrerank/configs/<model>.json``) < the user's file < ``--set`` overrides.
 
 The file is JSON (``.json``) or TOML (``.toml``; ``[[loss]]`` tables for the loss terms).
 Overrides are ``key=value`` strings with dotted keys: ``train.lr=0.001``, ``model.dim=64``,
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("model", "train", "loss")
+SECTIONS = ("model", "train", "loss", "decode")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -120,7 +124,7 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
 
 
 def default_run_config() -> dict[str, Any]:
-    return {"model": {}, "train": TrainConfig().to_dict(), "loss": []}
+    return {"model": {}, "train": TrainConfig().to_dict(), "loss": [], "decode": {}}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -143,18 +147,26 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The run config: defaults < file at ``path`` (JSON/TOML) < ``key=value`` overrides.
+def load_run_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: str | Path | None = None,
+) -> dict:
+    """The run config: defaults < ``base`` file < file at ``path`` < ``key=value`` overrides.
 
-    Returns ``{"model": {...}, "train": {...}, "loss": [...]}``; ``train`` always holds every
-    TrainConfig field and is validated (build it with ``TrainConfig.from_dict(cfg["train"])``).
+    Returns ``{"model": {...}, "train": {...}, "loss": [...], "decode": {...}}``; ``train``
+    always holds every TrainConfig field and is validated (build it with
+    ``TrainConfig.from_dict(cfg["train"])``). A ``loss`` list in a later layer replaces the
+    earlier one whole; the other sections are merged key by key.
     """
     config = default_run_config()
-    if path is not None:
-        data = read_config_file(path)
-        _check_sections(data, where=f"config file {path}")
+    for layer in (base, path):
+        if layer is None:
+            continue
+        data = read_config_file(layer)
+        _check_sections(data, where=f"config file {layer}")
         for section, value in data.items():
-            _check_section_type(section, value, where=f"config file {path}")
+            _check_section_type(section, value, where=f"config file {layer}")
             if section == "loss":
                 config["loss"] = copy.deepcopy(value)
             else:
