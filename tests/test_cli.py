@@ -53,7 +53,7 @@ def test_convert_reports_bad_input_without_traceback(tmp_path: Path) -> None:
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    code, text = run("demo", "--requests", "600", "--out", str(tmp_path / "demo"))
+    code, text = run("demo", "--requests", "600", "--epochs", "1", "--out", str(tmp_path / "demo"))
     assert code == 0, text
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     names = [row["policy"] for row in results["online"]]
@@ -62,3 +62,4 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert by_name[names[0]]["headroom_captured"] == 0.0
     assert abs(by_name[names[-1]]["headroom_captured"] - 1.0) < 1e-9
     assert "| policy" in text
+    assert {"pointwise (greedy)", "prm (greedy)", "nar4rec (contrastive)"} <= set(names)

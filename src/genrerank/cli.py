@@ -145,12 +145,14 @@ def evaluate(run_dir: Path, data_dir: Path, out_file: Path | None, decoder: str 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/demo"),
               show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=6, show_default=True,
+              help="Maximum training epochs per model.")
 @_user_errors
-def demo(preset: str, n_requests: int, seed: int, out_dir: Path) -> None:
-    """Simulate logs, evaluate every available re-ranker, print a comparison table."""
+def demo(preset: str, n_requests: int, seed: int, out_dir: Path, epochs: int) -> None:
+    """Simulate logs, train the models, evaluate every re-ranker, print a comparison table."""
     from genrerank.demo import run_demo
 
-    run_demo(preset=preset, n_requests=n_requests, seed=seed, out_dir=out_dir)
+    run_demo(preset=preset, n_requests=n_requests, seed=seed, out_dir=out_dir, epochs=epochs)
 
 
 if __name__ == "__main__":

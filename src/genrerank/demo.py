@@ -1,7 +1,9 @@
-"""The main job of ``make demo``: simulate logs, evaluate every available re-ranker, compare.
+"""The main job of ``make demo``: simulate logs, train the models, evaluate, compare.
 
-Trained generators (NAR4Rec, autoregressive) join this table as they land; today it compares the
-re-rankers that need no training against the logging policy and two oracle references.
+Every re-ranker is scored on the same test requests under the simulator's true user model:
+heuristics that need no training, the trained models (pointwise, PRM, NAR4Rec: same trainer,
+features and budget, each selected on the validation split), the logging policy and two oracle
+references that know the hidden truth.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import numpy as np
 
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.simulator import Simulator, request_index, simulate_to_dir
+from genrerank.evaluation.offline import predict
 from genrerank.evaluation.online import evaluate_online
+from genrerank.experiment import resolve_config, train_run
 from genrerank.metrics import auc, gauc
 from genrerank.models.heuristics import mmr, upstream_order
+from genrerank.training import load_model
 from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
+
+#: Trained in the demo, with a budget small enough for a laptop (the benchmark trains longer).
+DEMO_MODELS = ("pointwise", "prm", "nar4rec")
+DEMO_TRAIN = ("train.patience=2", "train.progress=false")
 
 COLUMNS = [
     "policy",
@@ -32,14 +41,29 @@ COLUMNS = [
 ]
 
 
-def run_demo(preset: str, n_requests: int, seed: int, out_dir: Path) -> dict:
+def run_demo(
+    preset: str,
+    n_requests: int,
+    seed: int,
+    out_dir: Path,
+    models: tuple[str, ...] = DEMO_MODELS,
+    epochs: int = 6,
+) -> dict:
     """Run the demo and return its results (also written to ``out_dir/results.json``)."""
     started = time.perf_counter()
     data_dir = out_dir / "data"
-    click.echo(f"1/3 simulating {n_requests} '{preset}' requests (seed {seed}) -> {data_dir}")
+    click.echo(f"1/4 simulating {n_requests} '{preset}' requests (seed {seed}) -> {data_dir}")
     simulate_to_dir(preset, n_requests, seed, data_dir, overwrite=True)
 
-    click.echo("2/3 re-ranking the test split (time split: the latest 10 % of requests)")
+    trained = {}
+    for k, name in enumerate(models, 1):
+        click.echo(f"2/4 training {name} ({k}/{len(models)}; train split, selected on valid)")
+        t0 = time.perf_counter()
+        overrides = (*DEMO_TRAIN, f"train.epochs={epochs}", f"train.seed={seed}")
+        train_run(name, data_dir, out_dir / "runs" / name, overrides=overrides, overwrite=True)
+        trained[name] = time.perf_counter() - t0
+
+    click.echo("3/4 re-ranking the test split (time split: the latest 10 % of requests)")
     test = RerankDataset(data_dir, split="test")
     batch = collate([test[i] for i in range(len(test))])
     sim = Simulator.from_dataset(data_dir)
@@ -54,11 +78,19 @@ def run_demo(preset: str, n_requests: int, seed: int, out_dir: Path) -> dict:
         "logging policy (logged lists)": logged,
         "upstream order": upstream_order(scores, mask, m),
         "mmr (diversity 0.3)": mmr(scores, categories, mask, m, diversity=0.3),
+    }
+    for name in trained:
+        model, _ = load_model(out_dir / "runs" / name)
+        decode = dict(resolve_config(name)["decode"])
+        decoder = decode.pop("name")
+        label = f"{name} ({decoder})"
+        policies[label] = predict(model, test, decoder, decode).lists
+    policies |= {
         "oracle: true-appeal sort": sim.true_appeal_sort(state, m),
         "oracle: upper bound (beam 16)": upper_lists,
     }
 
-    click.echo("3/3 scoring every list under the ground-truth user model")
+    click.echo("4/4 scoring every list under the ground-truth user model")
     reports = evaluate_online(sim, state, policies, logged, upper_bound_gains=upper_gains)
     rows = [r.to_dict() for r in reports]
 
@@ -77,6 +109,7 @@ def run_demo(preset: str, n_requests: int, seed: int, out_dir: Path) -> dict:
         "seed": seed,
         "test_requests": len(test),
         "online": rows,
+        "training_seconds": {k: round(v, 1) for k, v in trained.items()},
         "offline": offline,
         "seconds": round(time.perf_counter() - started, 1),
     }
