@@ -71,3 +71,23 @@ def test_evaluate_with_each_decoder(sim: Path, tmp_path: Path) -> None:
         assert report["decoder"]["name"] == decoder
         gains[decoder] = report["online"]["expected_gain"]
     assert all(math.isfinite(g) for g in gains.values())
+
+
+def test_auto_alpha_is_selected_on_validation_only(sim: Path, tmp_path: Path, monkeypatch) -> None:
+    import genrerank.experiment as experiment
+
+    seen: list[set[str]] = []
+    real = experiment.evaluate_model
+
+    def spy(model, dataset, *args, **kwargs):
+        seen.append(set(dataset.table.column("split").to_pylist()))
+        return real(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "evaluate_model", spy)
+    run = tmp_path / "run"
+    experiment.train_run("nar4rec", sim, run, overrides=(*TINY, "model.dim=16", "model.heads=2"))
+    assert len(seen) == len(experiment.ALPHA_GRID) and all(s == {"valid"} for s in seen)
+    decode = json.loads((run / "run_config.json").read_text())["decode"]
+    assert decode["alpha"] in experiment.ALPHA_GRID
+    assert decode["selection"]["split"] == "valid"
+    assert experiment.run_decoding(run) == {"name": "contrastive", "alpha": decode["alpha"]}

@@ -18,7 +18,7 @@ from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.simulator import Simulator, request_index, simulate_to_dir
 from genrerank.evaluation.offline import predict
 from genrerank.evaluation.online import evaluate_online
-from genrerank.experiment import resolve_config, train_run
+from genrerank.experiment import run_decoding, train_run
 from genrerank.metrics import auc, gauc
 from genrerank.models.heuristics import mmr, upstream_order
 from genrerank.training import load_model
@@ -81,7 +81,7 @@ def run_demo(
     }
     for name in trained:
         model, _ = load_model(out_dir / "runs" / name)
-        decode = dict(resolve_config(name)["decode"])
+        decode = run_decoding(out_dir / "runs" / name)
         decoder = decode.pop("name")
         label = f"{name} ({decoder})"
         policies[label] = predict(model, test, decoder, decode).lists

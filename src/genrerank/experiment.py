@@ -25,6 +25,9 @@ from genrerank.utils.io import atomic_write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 RUN_CONFIG = "run_config.json"
+#: Contrastive decoding trades probability against similarity, whose scales differ by model and
+#: data, so ``alpha: "auto"`` picks alpha on the validation split from this grid.
+ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6)
 
 
 def model_defaults(model_name: str) -> Path | None:
@@ -67,8 +70,34 @@ def train_run(
     trainer = Trainer(model, objective, train, valid, train_cfg, out_dir,
                       loss_config=cfg["loss"], overwrite=overwrite or resume)
     best = trainer.fit(resume=resume)
+    cfg["decode"] = select_decoding(model, valid, cfg["decode"])
     atomic_write_json(Path(out_dir) / RUN_CONFIG, {**cfg, "data": str(data_dir)})
     return best
+
+
+def validation_score(result: dict[str, Any]) -> float:
+    """What decoding choices are selected on: expected gain under the oracle for simulator data,
+    otherwise the logged-label list gain of the decoded lists."""
+    if "online" in result:
+        return float(result["online"]["expected_gain"])
+    return float(result["offline"]["list_gain"])
+
+
+def select_decoding(
+    model: torch.nn.Module, valid: RerankDataset, decode_cfg: dict[str, Any]
+) -> dict[str, Any]:
+    """Resolve ``"auto"`` decoding parameters on the validation split (never on test)."""
+    decode_cfg = dict(decode_cfg or {"name": "greedy"})
+    if decode_cfg.get("alpha") != "auto":
+        return decode_cfg
+    params = {k: v for k, v in decode_cfg.items() if k not in ("name", "alpha")}
+    scores = {}
+    for alpha in ALPHA_GRID:
+        result = evaluate_model(model, valid, decode_cfg["name"], {**params, "alpha": alpha})
+        scores[alpha] = validation_score(result)
+    best = max(scores, key=lambda a: (scores[a], -a))  # ties: the smaller alpha
+    return {**decode_cfg, "alpha": best,
+            "selection": {"split": "valid", "scores": {str(a): v for a, v in scores.items()}}}
 
 
 def _check_compatible(model_spec: FeatureSpec, data_spec: FeatureSpec) -> None:
@@ -128,6 +157,15 @@ def online_metrics(
     return out
 
 
+def run_decoding(run_dir: str | Path) -> dict[str, Any]:
+    """The decoding strategy a run was trained for (``auto`` choices already resolved)."""
+    path = Path(run_dir) / RUN_CONFIG
+    run_cfg = json.loads(path.read_text()) if path.exists() else {}
+    decode_cfg = dict(run_cfg.get("decode") or {"name": "greedy"})
+    decode_cfg.pop("selection", None)
+    return decode_cfg
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | Path,
@@ -139,12 +177,12 @@ def evaluate_run(
     """Evaluate a run's selected (best) model on ``split`` of ``data_dir``."""
     run_dir = Path(run_dir)
     model, meta = load_model(run_dir, "best")
-    run_cfg_path = run_dir / RUN_CONFIG
-    run_cfg = json.loads(run_cfg_path.read_text()) if run_cfg_path.exists() else {}
-    decode_cfg = dict(run_cfg.get("decode") or {"name": "greedy"})
+    decode_cfg = run_decoding(run_dir)
     if decoder is not None and decoder != decode_cfg.get("name"):
         decode_cfg = {"name": decoder}
     decode_cfg.update(decoder_params or {})
+    if decode_cfg.get("alpha") == "auto":
+        raise ValueError("decoder alpha 'auto' is resolved at training time; pass a number")
     dataset = RerankDataset(data_dir, split=split)
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split!r} split is empty")
