@@ -77,13 +77,13 @@ def test_auto_alpha_is_selected_on_validation_only(sim: Path, tmp_path: Path, mo
     import genrerank.experiment as experiment
 
     seen: list[set[str]] = []
-    real = experiment.evaluate_model
+    real = experiment.validation_score
 
     def spy(model, dataset, *args, **kwargs):
         seen.append(set(dataset.table.column("split").to_pylist()))
         return real(model, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(experiment, "evaluate_model", spy)
+    monkeypatch.setattr(experiment, "validation_score", spy)
     run = tmp_path / "run"
     experiment.train_run("nar4rec", sim, run, overrides=(*TINY, "model.dim=16", "model.heads=2"))
     assert len(seen) == len(experiment.ALPHA_GRID) and all(s == {"valid"} for s in seen)

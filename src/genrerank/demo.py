@@ -27,7 +27,7 @@ from genrerank.utils.tables import markdown_table
 
 #: Trained in the demo, with a budget small enough for a laptop (the benchmark trains longer).
 DEMO_MODELS = ("pointwise", "prm", "nar4rec")
-DEMO_TRAIN = ("train.patience=2", "train.progress=false")
+DEMO_TRAIN = ("train.patience=2",)
 
 COLUMNS = [
     "policy",
