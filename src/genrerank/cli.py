@@ -137,6 +137,27 @@ def evaluate(run_dir: Path, data_dir: Path, out_file: Path | None, decoder: str 
     click.echo(json.dumps(result, indent=2))
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks; results go to benchmarks/results/ as JSON, Markdown and a plot."""
+
+
+@bench.command("quality")
+@click.option("--quick", is_flag=True, help="Smaller data and budget (< 15 min on 2 cores).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("--shared-data", type=click.Path(path_type=Path), default=None,
+              help="Folder with the real logs (default: $GENRERANK_SHARED_DATA or ../shared/data).")
+@_user_errors
+def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | None) -> None:
+    """Every model on simulated avito and kuaishou, MIND and EB-NeRD; ablations; decoding."""
+    from genrerank.bench.quality import run_quality_benchmark
+
+    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    run_quality_benchmark(quick=quick, out_dir=out_dir, seeds=seed_list, shared_data=shared_data)
+
+
 @main.command()
 @click.option("--preset", default="kuaishou", show_default=True)
 @click.option(

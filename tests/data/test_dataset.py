@@ -38,3 +38,19 @@ def test_exposed_attribute_gathers_per_position(tiny_dataset: Path) -> None:
         [torch.tensor(0.7).item(), torch.tensor(0.9).item(), 1.0]
     ]
     assert batch.exposed_attribute(batch.item_dense)[0, :, 0].tolist() == [3.0, 1.0, 0.0]
+
+
+def test_source_without_item_features(tmp_path: Path) -> None:
+    from genrerank.data.schema import table_from_rows, write_dataset
+    from tests.conftest import tiny_rows, tiny_spec
+
+    spec = tiny_spec()
+    spec.item_categorical, spec.item_dense = [], []
+    rows = tiny_rows()
+    for row in rows:
+        row["item_cat"] = [[] for _ in row["item_id"]]
+        row["item_dense"] = [[] for _ in row["item_id"]]
+    path = write_dataset(tmp_path / "bare", table_from_rows(rows, spec), spec)
+    batch = collate([RerankDataset(path)[i] for i in range(3)])
+    assert batch.item_cat.shape == (3, 4, 0) and batch.item_dense.shape == (3, 4, 0)
+    assert batch.candidate_mask.sum().item() == 9

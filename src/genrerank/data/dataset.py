@@ -69,11 +69,15 @@ class _Ragged:
     def __init__(self, column: pa.ChunkedArray, depth: int, dtype: np.dtype, width: int = 0):
         arr = column.combine_chunks()
         self.offsets = arr.offsets.to_numpy().astype(np.int64) - int(arr.offsets[0].as_py())
-        values = arr.flatten()
-        for _ in range(depth - 1):
-            values = values.flatten()
+        inner = arr.flatten()  # depth 2: one entry per candidate
+        values = inner.flatten() if depth == 2 else inner
         flat = values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-        self.values = flat.reshape(-1, width) if depth == 2 else flat
+        if depth == 2:
+            # Rows = candidates, not flat size / width: a source with no features of this kind
+            # (EB-NeRD has no item categoricals) has width 0 and an empty flat array.
+            self.values = flat.reshape(len(inner), width)
+        else:
+            self.values = flat
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i] : self.offsets[i + 1]]

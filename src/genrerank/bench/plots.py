@@ -1,0 +1,146 @@
+"""Figures of the quality benchmark (matplotlib, Agg: no display needed).
+
+Built on :class:`matplotlib.figure.Figure` directly rather than pyplot, so nothing touches the
+global backend or keeps figures alive in a long-running process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+MODEL_COLORS = {
+    "logging": "#9e9e9e",
+    "pointwise": "#4c72b0",
+    "prm": "#55a868",
+    "nar4rec": "#c44e52",
+    "nar4rec_likelihood": "#dd8452",
+    "nar4rec_no_contrastive": "#8172b3",
+}
+DECODER_COLOR = "#c44e52"
+
+
+def _stat(summary: Mapping[str, Any], row: str, section: str, metric: str) -> tuple[float, float]:
+    s = summary.get(row, {}).get(section, {}).get(metric) or {}
+    mean = s.get("mean")
+    std = s.get("std")
+    return (float("nan") if mean is None else mean, 0.0 if std is None else std)
+
+
+def _bars(ax: Any, labels: Sequence[str], means: Sequence[float], stds: Sequence[float],
+          colors: Sequence[str], fmt: str = "{:.3f}") -> None:
+    xs = range(len(labels))
+    ax.bar(xs, means, yerr=stds, color=colors, capsize=4, edgecolor="black", linewidth=0.5)
+    ax.set_xticks(list(xs), labels, rotation=20, ha="right")
+    for x, m, s in zip(xs, means, stds, strict=True):
+        if m == m:  # skip NaN
+            # Above the error bar, where the label cannot hide behind it.
+            ax.annotate(fmt.format(m), (x, m + s), textcoords="offset points", xytext=(0, 3),
+                        ha="center", va="bottom", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def _reference(ax: Any, summary: Mapping[str, Any], metric: tuple[str, str]) -> None:
+    """The logging policy's level as a dashed line: the number every model must beat."""
+    value, _ = _stat(summary, "logging", *metric)
+    if value == value:
+        ax.axhline(value, color=MODEL_COLORS["logging"], linestyle="--", linewidth=1.2,
+                   label=f"logging {value:.3f}")
+        ax.legend(fontsize=8, loc="lower right")
+
+
+def plot_quality(result: Mapping[str, Any], path: str | Path) -> Path:
+    """Four panels: expected gain per model (ablation data set) with the upper bound, headroom
+    per model on each simulated data set, the ablations, and the decoding strategies.
+    Error bars: std over seeds."""
+    path = Path(path)
+    ds_name = result["settings"]["ablation_dataset"]
+    datasets = result["datasets"]
+    main = datasets.get(ds_name, {})
+    fig = Figure(figsize=(13, 9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    seeds = len(result.get("seeds", []))
+    fig.suptitle(f"genrerank quality benchmark{' (quick)' if result.get('quick') else ''}: "
+                 f"mean ± std over {seeds} seed(s), test split", fontsize=13)
+
+    ax = axes[0][0]
+    if "summary" in main and main.get("simulated"):
+        models = [m for m in MODEL_COLORS if m in main["summary"] and "_" not in m]
+        stats = [_stat(main["summary"], m, "online", "expected_gain") for m in models]
+        _bars(ax, models, [s[0] for s in stats], [s[1] for s in stats],
+              [MODEL_COLORS[m] for m in models])
+        upper, _ = _stat(main["summary"], "logging", "online", "upper_bound_expected_gain")
+        if upper == upper:
+            ax.axhline(upper, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"upper bound {upper:.3f}", (len(models) - 0.5, upper),
+                        xytext=(0, -12), textcoords="offset points", ha="right", fontsize=8)
+            ax.set_ylim(0, upper * 1.12)
+        ax.set_title(f"{ds_name}: online expected list gain")
+        ax.set_ylabel("expected gain per request")
+    else:
+        ax.text(0.5, 0.5, f"{ds_name}: not run", ha="center", transform=ax.transAxes)
+
+    ax = axes[0][1]
+    sim = [n for n, e in datasets.items() if e.get("simulated") and "summary" in e]
+    models = ["pointwise", "prm", "nar4rec"]
+    width = 0.8 / max(len(sim), 1)
+    for k, name in enumerate(sim):
+        stats = [_stat(datasets[name]["summary"], m, "online", "headroom_captured")
+                 for m in models]
+        xs = [i + (k - (len(sim) - 1) / 2) * width for i in range(len(models))]
+        ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3,
+               label=name, edgecolor="black", linewidth=0.5,
+               color=["#4c72b0", "#dd8452", "#55a868", "#8172b3"][k % 4])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_title("headroom captured: (policy - logging) / (upper bound - logging)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    if sim:
+        ax.legend(fontsize=8)
+
+    ax = axes[1][0]
+    if "summary" in main:
+        variants = [v for v in ("nar4rec", "nar4rec_likelihood", "nar4rec_no_contrastive")
+                    if v in main["summary"]]
+        metric = ("online", "expected_gain") if main.get("simulated") else ("offline", "auc")
+        stats = [_stat(main["summary"], v, *metric) for v in variants]
+        _bars(ax, ["unlikelihood (default)", "likelihood", "no contrastive"][: len(variants)],
+              [s[0] for s in stats], [s[1] for s in stats],
+              [MODEL_COLORS[v] for v in variants])
+        ax.set_title(f"{ds_name}: loss ablations of nar4rec ({metric[1]})")
+        _reference(ax, main["summary"], metric)
+        stats.append(_stat(main["summary"], "logging", *metric))
+        lows = [s[0] - s[1] for s in stats if s[0] == s[0]]
+        if lows:
+            ax.set_ylim(min(lows) * 0.9, max(s[0] + s[1] for s in stats if s[0] == s[0]) * 1.05)
+
+    ax = axes[1][1]
+    decoding = main.get("decoding", {}).get("summary", {})
+    if decoding:
+        names = list(decoding)
+        metric = ("online", "expected_gain") if main.get("simulated") else ("offline", "auc")
+        stats = [_stat(decoding, d, *metric) for d in names]
+        alphas = [r.get("alpha_selection", {}) or {} for r in main["runs"].get("nar4rec", [])]
+        chosen = sorted({a.get("chosen") for a in alphas if a})
+        labels = [f"contrastive\n(alpha {'/'.join(str(c) for c in chosen)})"
+                  if d == "contrastive" else d for d in names]
+        _bars(ax, labels, [s[0] for s in stats], [s[1] for s in stats],
+              [DECODER_COLOR] * len(names))
+        ax.set_title(f"{ds_name}: decoding strategies on nar4rec ({metric[1]})")
+        _reference(ax, main["summary"], metric)
+        stats.append(_stat(main["summary"], "logging", *metric))
+        lows = [s[0] - s[1] for s in stats if s[0] == s[0]]
+        if lows:
+            ax.set_ylim(min(lows) * 0.9, max(s[0] + s[1] for s in stats if s[0] == s[0]) * 1.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)  # atomic: a reader never sees half a PNG
+    return path

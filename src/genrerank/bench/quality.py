@@ -1,0 +1,925 @@
+"""``genrerank bench quality``: list quality of every model, on simulated and real logs.
+
+What runs (all trained by the shared trainer on the train split, early-stopped and selected on
+valid; the test split is only ever reported):
+
+- Data sets: the simulator's ``avito`` and ``kuaishou`` presets, and MIND / EB-NeRD converted
+  from the shared real logs (skipped, with the reason in the JSON, when those are absent).
+- Models: ``logging`` (the logged lists; offline its ranking score is the upstream score and its
+  click probability a logistic fit of the upstream score on the train split), ``pointwise``,
+  ``prm`` and ``nar4rec`` (packaged default config, contrastive decoding), each with the same
+  budget: the same ``--set`` overrides for max epochs, patience, batch size and width.
+- Seeds: for seed ``s``, ``train.seed = s`` (weights, shuffling, dropout) and, on the simulator,
+  the data seed is ``SIM_DATA_SEED + s``: a fresh simulated world and fresh logs per seed. The
+  real logs are fixed, so only the training seed varies there. Mean and sample std (ddof = 1)
+  over the seeds.
+- Ablations (``ablation_dataset``, kuaishou): nar4rec with likelihood instead of unlikelihood, and
+  nar4rec without the contrastive terms; and the decoding strategies side by side on the
+  default nar4rec run.
+- Contrastive decoding's alpha is chosen per run on the VALID split by the packaged
+  ``alpha: "auto"`` (:func:`genrerank.experiment.select_decoding`, grid ``ALPHA_GRID``: expected
+  gain under the oracle on the simulator, logged-label list gain on real logs), then reported on
+  test. The benchmark only reads the choice back from the run's ``run_config.json``.
+
+Outputs ``quality.{json,md,png}``, or ``quality_quick.*`` in quick mode, so that a quick run never
+overwrites the full results.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from genrerank.data.dataset import RerankDataset, collate
+from genrerank.evaluation.offline import Predictions, offline_metrics
+from genrerank.experiment import (
+    ALPHA_GRID,
+    RUN_CONFIG,
+    evaluate_model,
+    online_metrics,
+    resolve_config,
+    top_k_cutoffs,
+    train_run,
+)
+from genrerank.training import load_model
+from genrerank.utils.io import atomic_write_json, atomic_write_text
+from genrerank.utils.tables import markdown_table
+
+#: Simulator data seed of benchmark seed s is SIM_DATA_SEED + s. Fixed before the first run; the
+#: presets' knobs were tuned on seed 12345, never on these.
+SIM_DATA_SEED = 7_000
+#: Real-log folders under the shared data folder, by data set name.
+REAL_SOURCES = {"mind": "mind_small_subset", "ebnerd": "ebnerd_sample"}
+TRAINED = ("pointwise", "prm", "nar4rec")
+MODELS = ("logging", *TRAINED)
+ABLATIONS = ("nar4rec", "nar4rec_likelihood", "nar4rec_no_contrastive")
+DECODING = ("greedy", "contrastive", "beam", "hungarian", "sample")
+#: Per-run numbers that are not metrics (kept in the runs, left out of the summaries).
+_NOT_METRICS = {"requests", "upper_bound_beam_width"}
+REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class QualitySettings:
+    """Sizes and budget of one benchmark run (``full()`` and ``quick()`` are the two presets)."""
+
+    simulated: dict[str, int] = field(default_factory=lambda: {"avito": 20_000, "kuaishou": 30_000})
+    real: tuple[str, ...] = ("mind", "ebnerd")
+    #: Real requests with more candidates are dropped (MIND has up to 283 = m): NAR4Rec's cost
+    #: grows with n x m and a batch pads to its longest request.
+    real_max_candidates: int | None = 100
+    epochs: int = 10
+    patience: int = 3
+    dim: int = 64
+    batch_size: int = 128
+    decode_k: int = 8  # beam / sample: best of K lists by model log-prob
+    sample_top_k: int = 10
+    sample_temperature: float = 1.0
+    upper_bound_beam_width: int = 16
+    ablation_dataset: str = "kuaishou"
+    overrides: tuple[str, ...] = ()  # extra --set overrides for every trained model
+    model_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def full(cls) -> QualitySettings:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> QualitySettings:
+        return cls(
+            simulated={"avito": 5_000, "kuaishou": 6_000},
+            real_max_candidates=50,
+            epochs=3,
+            patience=2,
+            dim=32,
+        )
+
+
+def output_paths(out_dir: str | Path, quick: bool) -> dict[str, Path]:
+    """``quality.{json,md,png}``, or ``quality_quick.*`` for a quick run."""
+    stem = "quality_quick" if quick else "quality"
+    out_dir = Path(out_dir)
+    return {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+
+
+def default_shared_data() -> Path:
+    """$GENRERANK_SHARED_DATA, else ``shared/data`` beside the repository."""
+    env = os.environ.get("GENRERANK_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def variant_overrides(variant: str) -> tuple[str, tuple[str, ...]]:
+    """``(model name, extra overrides)`` of a model or ablation variant.
+
+    Variants are derived from the packaged nar4rec config so they follow its tuning: only the
+    named loss term changes, every other term and parameter is kept.
+    """
+    if variant in MODELS:
+        return variant, ()
+    loss = resolve_config("nar4rec")["loss"]
+    if variant == "nar4rec_likelihood":
+        # Same weight as the unlikelihood term; its tau/ul_weight options mean nothing here.
+        terms = [
+            {"name": "likelihood", **({"weight": t["weight"]} if "weight" in t else {})}
+            if t["name"] == "unlikelihood"
+            else t
+            for t in loss
+        ]
+    elif variant == "nar4rec_no_contrastive":
+        terms = [t for t in loss if t["name"] != "contrastive"]
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return "nar4rec", (f"loss={json.dumps(terms)}",)
+
+
+def budget_overrides(settings: QualitySettings, model_name: str, seed: int) -> tuple[str, ...]:
+    """The same trainer budget for every model; only the seed differs between runs."""
+    return (
+        f"train.seed={seed}",
+        f"train.epochs={settings.epochs}",
+        f"train.patience={settings.patience}",
+        f"train.batch_size={settings.batch_size}",
+        f"model.dim={settings.dim}",
+        "train.progress=false",
+        *settings.overrides,
+        *settings.model_overrides.get(model_name, ()),
+    )
+
+
+# ---------------------------------------------------------------------------- summaries
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample std (ddof = 1) over seeds; non-finite values are left out and counted."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(finite)
+    return {
+        "mean": float(np.mean(finite)) if n else None,
+        "std": float(np.std(finite, ddof=1)) if n >= 2 else None,
+        "n": n,
+        "values": [None if v is None or not math.isfinite(float(v)) else float(v) for v in values],
+    }
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"offline"|"online": {metric: mean_std over the records (one per seed)}}``."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for section in ("offline", "online"):
+        present = [r[section] for r in records if section in r]
+        if not present:
+            continue
+        keys = [
+            k
+            for k, v in present[0].items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in _NOT_METRICS
+        ]
+        out[section] = {k: mean_std([p.get(k) for p in present]) for k in keys}
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: NaN / inf become null, numpy scalars plain numbers, tuples lists."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------- logging policy
+
+
+def _pad_concat(parts: list[np.ndarray], fill: Any) -> np.ndarray:
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate(
+        [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=fill) for p in parts]
+    )
+
+
+def fit_upstream_calibration(dataset: RerankDataset, steps: int = 50) -> tuple[float, float]:
+    """``(a, b)`` of ``P(click) = sigmoid(a * upstream + b)`` at the logged positions.
+
+    Newton steps of a (lightly L2-regularised) logistic regression. Fit on the train split, so
+    the logging baseline's LogLoss is a fair comparison and the test split stays unseen.
+    """
+    xs, ys = [], []
+    for batch in DataLoader(dataset, batch_size=1024, shuffle=False, collate_fn=collate):
+        shown = torch.gather(batch.upstream_score, 1, batch.exposed)
+        xs.append(shown[batch.position_mask].double().numpy())
+        ys.append(batch.labels["click"][batch.position_mask].double().numpy())
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    mu, sd = x.mean(), x.std() or 1.0
+    feats = np.stack([(x - mu) / sd, np.ones_like(x)], axis=1)
+    w = np.zeros(2)
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(feats @ w)))
+        grad = feats.T @ (p - y) + 1e-3 * w
+        hess = (feats * (p * (1 - p))[:, None]).T @ feats + 1e-3 * np.eye(2)
+        delta = np.linalg.solve(hess, grad)
+        w -= delta
+        if np.abs(delta).max() < 1e-10:
+            break
+    a = w[0] / sd
+    return float(a), float(w[1] - a * mu)
+
+
+def logging_predictions(dataset: RerankDataset, calibration: tuple[float, float]) -> Predictions:
+    """The logged lists as a policy's predictions; candidates ranked by upstream score."""
+    a, b = calibration
+    acc: dict[str, list[np.ndarray]] = {}
+    labels: dict[str, list[np.ndarray]] = {s: [] for s in dataset.spec.labels}
+    for batch in DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=collate):
+        shown = torch.gather(batch.upstream_score, 1, batch.exposed)
+        for name, value in (
+            ("request_index", batch.request_index[:, None]),
+            ("lists", batch.exposed.masked_fill(~batch.position_mask, -1)),
+            ("candidate_scores", batch.upstream_score.masked_fill(~batch.candidate_mask,
+                                                                  float("-inf"))),
+            ("candidate_mask", batch.candidate_mask),
+            ("exposed", batch.exposed),
+            ("position_mask", batch.position_mask),
+            ("click_prob", torch.sigmoid(a * shown.double() + b).float()),
+        ):
+            acc.setdefault(name, []).append(value.numpy())
+        for s in labels:
+            labels[s].append(batch.labels[s].numpy())
+    return Predictions(
+        request_index=np.concatenate(acc["request_index"])[:, 0],
+        lists=_pad_concat(acc["lists"], -1),
+        candidate_scores=_pad_concat(acc["candidate_scores"], -np.inf),
+        candidate_mask=_pad_concat(acc["candidate_mask"], False),
+        exposed=_pad_concat(acc["exposed"], 0),
+        position_mask=_pad_concat(acc["position_mask"], False),
+        click_prob=_pad_concat(acc["click_prob"], 0.5),
+        labels={s: _pad_concat(v, 0.0) for s, v in labels.items()},
+    )
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+class _Bench:
+    """State of one benchmark run: settings, work folder, dataset cache, progress clock."""
+
+    def __init__(self, settings: QualitySettings, work: Path, progress: bool) -> None:
+        self.settings = settings
+        self.work = work
+        self.progress = progress
+        self.started = time.perf_counter()
+        self._datasets: dict[tuple[str, str], RerankDataset] = {}
+
+    def say(self, message: str) -> None:
+        if self.progress:
+            print(f"[{time.perf_counter() - self.started:7.1f}s] {message}", flush=True)
+
+    def dataset(self, data_dir: Path, split: str) -> RerankDataset:
+        key = (str(data_dir), split)
+        if key not in self._datasets:
+            self._datasets[key] = RerankDataset(data_dir, split=split)
+        return self._datasets[key]
+
+    def evaluate(
+        self, model: torch.nn.Module, data_dir: Path, split: str, decoder: str,
+        params: dict[str, Any], name: str,
+    ) -> dict[str, Any]:
+        return evaluate_model(
+            model, self.dataset(data_dir, split), decoder, params, name=name,
+            beam_width=self.settings.upper_bound_beam_width,
+        )
+
+    # ------------------------------------------------------------------ per run
+
+    def logging_run(self, data_dir: Path, seed: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        calibration = fit_upstream_calibration(self.dataset(data_dir, "train"))
+        test = self.dataset(data_dir, "test")
+        preds = logging_predictions(test, calibration)
+        record: dict[str, Any] = {
+            "seed": seed,
+            "decoder": {"name": "logged lists"},
+            "click_calibration": {"a": calibration[0], "b": calibration[1], "split": "train"},
+            "offline": offline_metrics(preds, top_k_cutoffs(test)),
+        }
+        if "simulator" in test.spec.extra:
+            record["online"] = online_metrics(
+                test, preds, "logging", beam_width=self.settings.upper_bound_beam_width
+            )
+        record["eval_s"] = time.perf_counter() - t0
+        return record
+
+    def trained_run(
+        self, variant: str, data_dir: Path, run_dir: Path, seed: int, simulated: bool
+    ) -> tuple[dict[str, Any], torch.nn.Module]:
+        model_name, extra = variant_overrides(variant)
+        overrides = (*budget_overrides(self.settings, model_name, seed), *extra)
+        t0 = time.perf_counter()
+        best = train_run(model_name, data_dir, run_dir, overrides=overrides, overwrite=True)
+        train_s = time.perf_counter() - t0
+        metrics_file = run_dir / "metrics.jsonl"
+        evaluations = len(metrics_file.read_text().splitlines()) if metrics_file.exists() else None
+        model, _ = load_model(run_dir, "best")
+        t1 = time.perf_counter()
+        # train_run resolved any "auto" decoding choice on the valid split; read it back.
+        decode = dict(json.loads((run_dir / RUN_CONFIG).read_text()).get("decode")
+                      or {"name": "greedy"})
+        chosen = decode.pop("selection", None)
+        decoder = decode.pop("name")
+        selection = None
+        if chosen is not None:
+            selection = {
+                "split": chosen.get("split"),
+                "criterion": "expected gain under the oracle" if simulated
+                else "logged-label list gain",
+                "values": chosen.get("scores"),
+                "chosen": decode.get("alpha"),
+            }
+        result = self.evaluate(model, data_dir, "test", decoder, decode, variant)
+        record = {
+            "seed": seed,
+            "decoder": {"name": decoder, **decode},
+            "alpha_selection": selection,
+            "offline": result["offline"],
+            **({"online": result["online"]} if "online" in result else {}),
+            # train_s includes the alpha selection on valid that train_run does.
+            "train": {"best": best, "evaluations": evaluations, "train_s": train_s},
+            "eval_s": time.perf_counter() - t1,
+        }
+        return record, model
+
+    def decoding_runs(
+        self, model: torch.nn.Module, data_dir: Path, seed: int, default: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """Every decoding strategy on the default nar4rec run's test split."""
+        s, k = self.settings, self.settings.decode_k
+        strategies: dict[str, dict[str, Any]] = {
+            "greedy": {},
+            "beam": {"beam_width": k, "k": k},
+            "hungarian": {},
+            "sample": {"k": k, "top_k": s.sample_top_k, "temperature": s.sample_temperature,
+                       "seed": seed},
+        }
+        out: dict[str, dict[str, Any]] = {}
+        for name in DECODING:
+            if name == "contrastive":  # the main run already is nar4rec + contrastive decoding
+                out[name] = {key: default[key] for key in ("decoder", "offline", "online")
+                             if key in default}
+                continue
+            t0 = time.perf_counter()
+            result = self.evaluate(model, data_dir, "test", name, strategies[name], "nar4rec")
+            out[name] = {
+                "decoder": {"name": name, **strategies[name]},
+                "offline": result["offline"],
+                **({"online": result["online"]} if "online" in result else {}),
+                "eval_s": time.perf_counter() - t0,
+            }
+        return out
+
+    # ------------------------------------------------------------------ per data set
+
+    def run_dataset(
+        self, name: str, data_dirs: Callable[[int], Path], seeds: Sequence[int], simulated: bool
+    ) -> dict[str, Any]:
+        ablate = name == self.settings.ablation_dataset
+        variants = MODELS + (ABLATIONS[1:] if ablate else ())
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        decoding: list[dict[str, Any]] = []
+        splits: dict[str, Any] = {}
+        for seed in seeds:
+            data_dir = data_dirs(seed)
+            splits[str(seed)] = {
+                s: len(self.dataset(data_dir, s)) for s in ("train", "valid", "test")
+            }
+            for variant in variants:
+                t0 = time.perf_counter()
+                if variant == "logging":
+                    record = self.logging_run(data_dir, seed)
+                else:
+                    run_dir = self.work / "runs" / name / f"seed{seed}" / variant
+                    record, model = self.trained_run(variant, data_dir, run_dir, seed, simulated)
+                    if ablate and variant == "nar4rec":
+                        t1 = time.perf_counter()
+                        decoding.append(self.decoding_runs(model, data_dir, seed, record))
+                        record["decoding_eval_s"] = time.perf_counter() - t1
+                runs[variant].append(record)
+                self.say(f"{name} seed {seed} {variant}: {_brief(record)} "
+                         f"({time.perf_counter() - t0:.1f}s)")
+            # Free this seed's cached datasets: a full run holds several simulated worlds.
+            self._datasets = {k: v for k, v in self._datasets.items() if k[0] != str(data_dir)}
+        out: dict[str, Any] = {
+            "simulated": simulated,
+            "requests": splits,
+            "runs": runs,
+            "summary": {v: summarize(runs[v]) for v in variants},
+        }
+        if decoding:
+            out["decoding"] = {
+                "runs": decoding,
+                "summary": {d: summarize([r[d] for r in decoding]) for d in DECODING},
+            }
+        return out
+
+
+def _brief(record: Mapping[str, Any]) -> str:
+    """One progress line's worth of a run's results."""
+    parts = []
+    if "train" in record:
+        best = record["train"]["best"]
+        parts.append(f"{record['train']['evaluations']} epochs (best {best.get('epoch')}) "
+                     f"in {record['train']['train_s']:.1f}s")
+    if record.get("alpha_selection"):
+        parts.append(f"alpha {record['alpha_selection']['chosen']} (valid)")
+    off = record["offline"]
+    parts.append(f"test auc {off['auc']:.4f}")
+    if "online" in record:
+        on = record["online"]
+        parts.append(f"gain {on['expected_gain']:.4f} headroom {on['headroom_captured']:.3f}")
+    return ", ".join(parts)
+
+
+def _prepare_real(name: str, source: Path, out_dir: Path, max_candidates: int | None) -> Path:
+    """Convert a real log into a work folder, keeping requests with <= max_candidates."""
+    from genrerank.data.loaders import convert
+    from genrerank.data.schema import read_dataset, write_dataset
+
+    full = convert(name, source, out_dir / "converted", overwrite=True)
+    if max_candidates is None:
+        return full
+    table, spec = read_dataset(full)
+    n = table.column("item_id").combine_chunks().value_lengths().to_numpy()
+    keep = n <= max_candidates
+    if keep.all():
+        return full
+    # The maxima are recomputed from the kept requests, so models size their tables to them.
+    spec.max_candidates = 0
+    spec.max_list_length = 0
+    return write_dataset(out_dir / "capped", table.filter(keep), spec, overwrite=True)
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_quality_benchmark(
+    quick: bool,
+    out_dir: Path = Path("benchmarks/results"),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    shared_data: Path | None = None,
+    progress: bool = True,
+    *,
+    keep_runs: bool = False,
+    settings: QualitySettings | None = None,
+) -> dict:
+    """Run the quality benchmark; writes ``quality[_quick].{json,md,png}`` and returns the JSON.
+
+    ``settings`` defaults to :meth:`QualitySettings.quick` or :meth:`QualitySettings.full`.
+    Runs and data go to a temporary folder, deleted at the end unless ``keep_runs`` (then its
+    path is in the result as ``work_dir``).
+    """
+    if not seeds:
+        raise ValueError("seeds: need at least one seed")
+    settings = settings or (QualitySettings.quick() if quick else QualitySettings.full())
+    unknown = [r for r in settings.real if r not in REAL_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown real data set(s) {unknown}; known: {sorted(REAL_SOURCES)}")
+    shared = Path(shared_data) if shared_data is not None else default_shared_data()
+    paths = output_paths(out_dir, quick)
+    started_at = dt.datetime.now(dt.UTC)
+    work = Path(tempfile.mkdtemp(prefix="genrerank-quality-"))
+    bench = _Bench(settings, work, progress)
+    bench.say(f"quality benchmark ({'quick' if quick else 'full'}), seeds {list(seeds)}, "
+              f"work folder {work}")
+    datasets: dict[str, Any] = {}
+    try:
+        from genrerank.data.simulator import simulate_to_dir
+
+        for preset, n_requests in settings.simulated.items():
+
+            def sim_dir(seed: int, preset: str = preset, n_requests: int = n_requests) -> Path:
+                out = work / "data" / preset / f"seed{seed}"
+                if not out.exists():
+                    simulate_to_dir(preset, n_requests, SIM_DATA_SEED + seed, out, progress=False)
+                return out
+
+            datasets[preset] = bench.run_dataset(preset, sim_dir, seeds, simulated=True)
+            datasets[preset]["data"] = {
+                "source": f"simulator preset {preset!r}",
+                "requests": n_requests,
+                "data_seeds": [SIM_DATA_SEED + s for s in seeds],
+            }
+        for name in settings.real:
+            source = shared / REAL_SOURCES[name]
+            if not source.is_dir():
+                reason = f"{source} not found (set GENRERANK_SHARED_DATA or pass shared_data)"
+                bench.say(f"{name}: skipped: {reason}")
+                datasets[name] = {"skipped": reason}
+                continue
+            try:
+                data_dir = _prepare_real(name, source, work / "data" / name,
+                                         settings.real_max_candidates)
+                datasets[name] = bench.run_dataset(name, lambda _s, d=data_dir: d, seeds,
+                                                   simulated=False)
+            except Exception as exc:  # one broken real log must not lose the whole benchmark
+                bench.say(f"{name}: FAILED: {type(exc).__name__}: {exc}")
+                datasets[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            datasets[name]["data"] = {
+                "source": str(source),
+                "max_candidates": settings.real_max_candidates,
+                "note": "requests with more candidates are dropped; only train.seed varies",
+            }
+    finally:
+        if not keep_runs:
+            shutil.rmtree(work, ignore_errors=True)
+    wall = time.perf_counter() - bench.started
+    result: dict[str, Any] = {
+        "benchmark": "quality",
+        "quick": quick,
+        "date": started_at.isoformat(timespec="seconds"),
+        "wall_time_s": wall,
+        "machine": machine_info(),
+        "seeds": list(seeds),
+        "what_varies": (
+            f"train.seed = seed for every trained model; simulator data seed = {SIM_DATA_SEED} "
+            "+ seed (a new world and new logs per seed); the real logs are the same for every "
+            "seed"
+        ),
+        "settings": asdict(settings),
+        "alpha_grid": list(ALPHA_GRID),
+        "configs": {
+            v: resolve_config(variant_overrides(v)[0], None,
+                              (*budget_overrides(settings, variant_overrides(v)[0], seeds[0]),
+                               *variant_overrides(v)[1]))
+            for v in (*TRAINED, *ABLATIONS[1:])
+        },
+        "datasets": datasets,
+    }
+    result["targets"] = targets(result)
+    if quick:
+        result["estimated_full_run_s"] = estimate_full_seconds(result, QualitySettings.full())
+    if keep_runs:
+        result["work_dir"] = str(work)
+    result = _json_safe(result)
+    atomic_write_json(paths["json"], result)
+    markdown = render_markdown(result)
+    atomic_write_text(paths["md"], markdown)
+    from genrerank.bench.plots import plot_quality
+
+    plot_quality(result, paths["png"])
+    if progress:
+        print(render_targets(result), flush=True)
+        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {wall:.0f}s", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def _stat(result: Mapping[str, Any], ds: str, variant: str, section: str,
+          metric: str, key: str = "summary") -> dict[str, Any] | None:
+    try:
+        return result["datasets"][ds][key][variant][section][metric]
+    except (KeyError, TypeError):
+        return None
+
+
+def _beats(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Does a's mean exceed b's by more than one std (the larger of the two over seeds)?"""
+    if not a or not b or a["mean"] is None or b["mean"] is None:
+        return {"status": "not measured"}
+    gap = a["mean"] - b["mean"]
+    if a["std"] is None or b["std"] is None:
+        return {"status": "undetermined (needs >= 2 seeds)", "gap": gap}
+    std = max(a["std"], b["std"])
+    out = {"status": "met" if gap > std else "not met", "gap": gap, "std": std,
+           "a_mean": a["mean"], "a_std": a["std"], "b_mean": b["mean"], "b_std": b["std"]}
+    # Same seed = same simulated world for both: the paired gap removes the world-to-world
+    # spread that the unpaired std carries (reported beside the criterion, not instead of it).
+    pairs = [(x, y) for x, y in zip(a["values"], b["values"], strict=False)
+             if x is not None and y is not None]
+    if len(pairs) >= 2:
+        paired = mean_std([x - y for x, y in pairs])
+        out["paired_gap_mean"], out["paired_gap_std"] = paired["mean"], paired["std"]
+    return out
+
+
+def targets(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The issue's targets with measured values."""
+    ds = result["settings"]["ablation_dataset"]
+    a = {
+        f"{metric} vs {base}": _beats(_stat(result, ds, "nar4rec", "online", metric),
+                                      _stat(result, ds, base, "online", metric))
+        for metric in ("expected_gain", "headroom_captured")
+        for base in ("pointwise", "prm")
+    }
+    ul = _stat(result, ds, "nar4rec", "online", "expected_gain")
+    lik = _stat(result, ds, "nar4rec_likelihood", "online", "expected_gain")
+    b: dict[str, Any] = {"status": "not measured"}
+    if ul and lik and ul["mean"] is not None and lik["mean"] is not None:
+        b = {**_beats(ul, lik), "unlikelihood_mean": ul["mean"], "likelihood_mean": lik["mean"]}
+        beyond = b["status"]
+        b["status"] = "met" if ul["mean"] > lik["mean"] else "not met"
+        b["beyond_one_std"] = beyond
+    return {
+        "a": {"text": f"on {ds}, nar4rec (contrastive decoding) beats pointwise and prm on "
+                      "expected list gain and headroom captured by more than one std over seeds",
+              "checks": a,
+              "status": _all_met([c["status"] for c in a.values()])},
+        "b": {"text": f"on {ds}, unlikelihood beats likelihood alone on expected list gain",
+              **b},
+        "c": {"text": "on MIND and EB-NeRD, AUC, NDCG@k and Recall@k for every model in one table",
+              "status": "see table"},
+    }
+
+
+def _all_met(statuses: Sequence[str]) -> str:
+    if all(s == "met" for s in statuses):
+        return "met"
+    if any(s == "not met" for s in statuses):
+        return "not met"
+    return statuses[0] if statuses else "not measured"
+
+
+# ---------------------------------------------------------------------------- markdown
+
+OFFLINE_ORDER = ("auc", "gauc", "logloss", "ndcg", "recall", "list_gain")
+ONLINE_COLUMNS = ("expected_gain", "headroom_captured", "category_entropy", "creator_gini",
+                  "cold_start_share")
+
+
+def _fmt(stat: Mapping[str, Any] | None, digits: int = 4) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    if stat.get("std") is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _column_key(name: str) -> tuple[int, int, int]:
+    """auc, gauc, logloss, then NDCG@k and Recall@k by k (the list length m first), list_gain."""
+    family, _, k = name.partition("@")
+    rank = OFFLINE_ORDER.index(family) if family in OFFLINE_ORDER else len(OFFLINE_ORDER)
+    if k:
+        return (OFFLINE_ORDER.index("ndcg"), int(k), rank)
+    return (rank, 0, 0)
+
+
+def _offline_columns(summary: Mapping[str, Any]) -> list[str]:
+    for model_summary in summary.values():
+        keys = list(model_summary.get("offline", {}))
+        if keys:
+            return sorted(keys, key=_column_key)
+    return []
+
+
+def _table(summary: Mapping[str, Any], rows: Sequence[str], offline: Sequence[str],
+           online: Sequence[str], label: str = "model") -> str:
+    out = []
+    for row in rows:
+        if row not in summary:
+            continue
+        line = {label: row}
+        for c in offline:
+            line[c] = _fmt(summary[row].get("offline", {}).get(c))
+        for c in online:
+            line[c] = _fmt(summary[row].get("online", {}).get(c))
+        out.append(line)
+    return markdown_table(out)
+
+
+def render_targets(result: Mapping[str, Any]) -> str:
+    t = result["targets"]
+    lines = ["## Targets", "", f"(a) {t['a']['text']}: **{t['a']['status']}** (criterion: "
+             "mean gap > the larger of the two stds over seeds)", ""]
+    for name, check in t["a"]["checks"].items():
+        if "std" in check:
+            paired = (f"; paired per-seed gap {check['paired_gap_mean']:+.4f} ± "
+                      f"{check['paired_gap_std']:.4f}" if "paired_gap_mean" in check else "")
+            lines.append(f"- {name}: {check['status']} (nar4rec {check['a_mean']:.4f} ± "
+                         f"{check['a_std']:.4f}, baseline {check['b_mean']:.4f} ± "
+                         f"{check['b_std']:.4f}; gap {check['gap']:+.4f} vs std "
+                         f"{check['std']:.4f}{paired})")
+        else:
+            lines.append(f"- {name}: {check['status']}")
+    b = t["b"]
+    lines += ["", f"(b) {b['text']}: **{b['status']}**"]
+    if "unlikelihood_mean" in b:
+        paired = (f", paired per-seed gap {b['paired_gap_mean']:+.4f} ± "
+                  f"{b['paired_gap_std']:.4f}" if "paired_gap_mean" in b else "")
+        lines.append(f"- unlikelihood {b['unlikelihood_mean']:.4f} vs likelihood "
+                     f"{b['likelihood_mean']:.4f} (gap {b['gap']:+.4f}{paired}; beyond one "
+                     f"std: {b['beyond_one_std']})")
+    lines += ["", f"(c) {t['c']['text']}:", "", real_data_table(result)]
+    return "\n".join(lines)
+
+
+def real_data_table(result: Mapping[str, Any]) -> str:
+    rows = []
+    for name in REAL_SOURCES:
+        entry = result["datasets"].get(name)
+        if entry is None:
+            continue
+        if "summary" not in entry:
+            reason = entry.get("skipped") or f"failed: {entry.get('error')}"
+            rows.append({"data set": name, "model": "-", "note": reason})
+            continue
+        cols = [c for c in _offline_columns(entry["summary"]) if c.split("@")[0] in
+                ("auc", "ndcg", "recall")]
+        for model in MODELS:
+            s = entry["summary"].get(model, {}).get("offline", {})
+            rows.append({"data set": name, "model": model, **{c: _fmt(s.get(c)) for c in cols}})
+    if not rows:
+        return "(no real data set in this run)"
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+    return markdown_table(rows, columns)
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    s = result["settings"]
+    quick = result["quick"]
+    m = result["machine"]
+    lines = [
+        f"# Quality benchmark{' (quick)' if quick else ''}",
+        "",
+        f"Date: {result['date']}. Wall time: {result['wall_time_s'] / 60:.1f} min. Machine: "
+        f"{m['cpu_count']} cores ({m['affinity']} usable), {m['platform']}, Python "
+        f"{m['python']}, torch {m['torch']}; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average'] or [])}.",
+        "",
+        f"Seeds {result['seeds']}: {result['what_varies']}. Cells: mean ± sample std over seeds.",
+        "",
+        f"Budget (same for every trained model): max {s['epochs']} epochs, patience "
+        f"{s['patience']} (early stopping and checkpoint selection on the valid loss), batch "
+        f"{s['batch_size']}, width {s['dim']}. Simulated requests: "
+        + ", ".join(f"{k} {v:,}" for k, v in s["simulated"].items())
+        + f" (split 80/10/10 by time). Real logs: requests with more than "
+        f"{s['real_max_candidates']} candidates dropped.",
+        "",
+        "Models: `logging` = the logged lists (offline: candidates ranked by upstream score, "
+        "click probability = logistic fit of the upstream score on the train split); "
+        "`pointwise`, `prm` (greedy = sort by score); `nar4rec` = packaged default config "
+        "(unlikelihood + contrastive + click head) with contrastive decoding, alpha chosen per "
+        f"run from {result['alpha_grid']} on the VALID split (`alpha: auto`: expected gain "
+        "under the oracle on simulated data, logged-label list gain on real logs). The test "
+        "split is only reported.",
+        "",
+    ]
+    if quick and result.get("estimated_full_run_s"):
+        est = result["estimated_full_run_s"]
+        lines += [f"Estimated full run (`genrerank bench quality`, no `--quick`): about "
+                  f"{est['total_s'] / 3600:.1f} h on this machine ({est['note']}).", ""]
+    for name, entry in result["datasets"].items():
+        lines += [f"## {name}", ""]
+        if "summary" not in entry:
+            lines += [f"Skipped: {entry.get('skipped') or 'failed: ' + str(entry.get('error'))}",
+                      ""]
+            continue
+        req = next(iter(entry["requests"].values()))
+        lines += [f"Requests per split (seed {result['seeds'][0]}): train {req['train']:,}, "
+                  f"valid {req['valid']:,}, test {req['test']:,}.", ""]
+        offline = _offline_columns(entry["summary"])
+        lines += ["Offline (test split, logged labels):", "",
+                  _table(entry["summary"], MODELS, offline, ()), ""]
+        if entry["simulated"]:
+            lines += ["Online (test split, exact expected gain under the simulator's user "
+                      "model; headroom = (policy - logging) / (upper bound - logging)):", "",
+                      _table(entry["summary"], MODELS, (), ONLINE_COLUMNS), ""]
+            ub = _stat(result, name, "logging", "online", "upper_bound_expected_gain")
+            lines += [f"Upper bound (beam search width {s['upper_bound_beam_width']} under the "
+                      f"true model): expected gain {_fmt(ub)}.", ""]
+        alphas = [r["alpha_selection"]["chosen"] for r in entry["runs"]["nar4rec"]
+                  if r.get("alpha_selection")]
+        if alphas:
+            lines += [f"nar4rec contrastive-decoding alpha chosen on valid, per seed: {alphas}.",
+                      ""]
+    ds = s["ablation_dataset"]
+    entry = result["datasets"].get(ds, {})
+    if "summary" in entry:
+        sim = entry["simulated"]
+        online = ("expected_gain", "headroom_captured", "category_entropy") if sim else ()
+        offline = [c for c in _offline_columns(entry["summary"])
+                   if c.split("@")[0] in ("auc", "ndcg", "recall", "list_gain")][:4]
+        lines += [f"## Ablations ({ds}, contrastive decoding, alpha chosen on valid)", "",
+                  _table(entry["summary"], ABLATIONS, offline, online, label="variant"), "",
+                  "`nar4rec_likelihood`: the unlikelihood term replaced by plain likelihood "
+                  "(other terms kept); `nar4rec_no_contrastive`: the contrastive terms removed.",
+                  ""]
+        if "decoding" in entry:
+            lines += [f"## Decoding strategies ({ds}, default nar4rec runs, test split)", "",
+                      _table(entry["decoding"]["summary"], DECODING, offline,
+                             (*online, "creator_gini"), label="decoder"), "",
+                      f"beam: width {s['decode_k']}, best of K = {s['decode_k']} by model "
+                      f"log-prob; sample: top-k {s['sample_top_k']}, temperature "
+                      f"{s['sample_temperature']}, best of K = {s['decode_k']} by model "
+                      "log-prob; hungarian: the maximum log-prob assignment.", ""]
+            rows = []
+            for r in entry["runs"]["nar4rec"]:
+                sel = r.get("alpha_selection")
+                if sel:
+                    rows.append({"seed": r["seed"], **{f"alpha={a}": v
+                                                       for a, v in sel["values"].items()},
+                                 "chosen": str(sel["chosen"])})
+            if rows:
+                criterion = entry["runs"]["nar4rec"][0]["alpha_selection"]["criterion"]
+                lines += [f"Alpha selection (valid split, {criterion}):", "",
+                          markdown_table(rows), ""]
+    lines += [render_targets(result), ""]
+    lines += ["## Time per run", "", timing_table(result), ""]
+    stem = "quality_quick" if quick else "quality"
+    lines += [f"Files: `{stem}.json` (everything, with the configs used), `{stem}.png`. "
+              f"Reproduce: `genrerank bench quality{' --quick' if quick else ''}`.", ""]
+    return "\n".join(lines)
+
+
+def timing_table(result: Mapping[str, Any]) -> str:
+    rows = []
+    for name, entry in result["datasets"].items():
+        for variant, records in entry.get("runs", {}).items():
+            train = [r["train"]["train_s"] for r in records if "train" in r]
+            evals = [r["train"]["evaluations"] for r in records if "train" in r]
+            rows.append({
+                "data set": name,
+                "model": variant,
+                "train s (mean, incl. alpha selection)": float(np.mean(train)) if train else 0.0,
+                "epochs run": "/".join(str(e) for e in evals) or "-",
+                "eval s (mean)": float(np.mean([r.get("eval_s", 0.0)
+                                                + r.get("decoding_eval_s", 0.0)
+                                                for r in records])),
+            })
+    return markdown_table(rows, digits=1) if rows else ""
+
+
+# ---------------------------------------------------------------------------- estimate
+
+#: Cost of a training step by width, relative to dim 32 (measured on this machine: nar4rec,
+#: batch 128, n = 60: 0.137 s at dim 32, 0.190 s at dim 64).
+DIM_COST = {32: 1.0, 64: 1.4}
+
+
+def estimate_full_seconds(result: Mapping[str, Any], full: QualitySettings) -> dict[str, Any]:
+    """Extrapolate this (quick) run's measured times to the full settings.
+
+    Training: seconds per (epoch x train request) of each run, times the full sizes, times the
+    full max epochs (so an upper bound: early stopping usually ends sooner), times the width
+    factor. Evaluation scales with the number of requests. Real logs: the full run keeps longer
+    requests, which costs more per request (factor ``real_factor``, a rough guess).
+    """
+    quick = result["settings"]
+    dim_factor = DIM_COST.get(full.dim, full.dim / 32) / DIM_COST.get(quick["dim"], 1.0)
+    real_factor = 3.5 if (full.real_max_candidates or 10**9) > (quick["real_max_candidates"]
+                                                                 or 10**9) else 1.0
+    total = 0.0
+    for name, entry in result["datasets"].items():
+        if "runs" not in entry:
+            continue
+        if entry["simulated"]:
+            scale = full.simulated.get(name, 0) / max(quick["simulated"].get(name, 1), 1)
+        else:
+            scale = real_factor
+        for records in entry["runs"].values():
+            for r in records:
+                evals = r.get("eval_s", 0.0) + r.get("decoding_eval_s", 0.0)
+                total += evals * scale
+                if "train" in r and r["train"]["evaluations"]:
+                    per_epoch = r["train"]["train_s"] / r["train"]["evaluations"]
+                    total += per_epoch * scale * dim_factor * full.epochs
+    seeds = max(len(result["seeds"]), 1)
+    total *= 3 / seeds  # the full run uses three seeds
+    return {
+        "total_s": total,
+        "note": f"upper bound extrapolated from this run: every run at the max {full.epochs} "
+                f"epochs, {full.dim}-wide models ~{dim_factor:.1f}x the cost, sizes "
+                + ", ".join(f"{k} {v:,}" for k, v in full.simulated.items())
+                + f", real logs capped at {full.real_max_candidates} candidates",
+    }

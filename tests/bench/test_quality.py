@@ -1,0 +1,199 @@
+"""Smoke test of ``genrerank bench quality`` on a tiny simulated avito world (no shared data).
+
+One benchmark run (module fixture, two seeds so the std has something to be computed over), then
+checks on its JSON, its files, and the evaluation calls it made (spied on).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from genrerank import experiment
+from genrerank.bench import quality
+from genrerank.bench.quality import (
+    ABLATIONS,
+    DECODING,
+    MODELS,
+    QualitySettings,
+    mean_std,
+    output_paths,
+    run_quality_benchmark,
+    summarize,
+    variant_overrides,
+)
+
+SEEDS = (0, 1)
+SETTINGS = QualitySettings(
+    simulated={"avito": 300},
+    ablation_dataset="avito",  # ablations and decoding too, on the cheapest world
+    epochs=1,
+    patience=1,
+    dim=8,
+    batch_size=64,
+    upper_bound_beam_width=2,
+)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("results")
+    scratch = tmp_path_factory.mktemp("scratch")
+    full = output_paths(out, quick=False)
+    for path in full.values():
+        path.write_text("full results")
+    calls: list[dict[str, Any]] = []
+    scores: list[dict[str, Any]] = []
+    real_evaluate = quality.evaluate_model
+    real_score = experiment.validation_score
+
+    def spy(model, dataset, decoder, decoder_params=None, name="model", beam_width=16):
+        result = real_evaluate(model, dataset, decoder, decoder_params, name, beam_width)
+        calls.append({
+            # The splits of the rows actually evaluated, read from the data, not from a label.
+            "splits": set(dataset.table.column("split").to_pylist()),
+            "decoder": decoder,
+            "params": dict(decoder_params or {}),
+            "result": result,
+        })
+        return result
+
+    def score_spy(model, dataset, decoder, params):
+        value = real_score(model, dataset, decoder, params)
+        scores.append({"splits": set(dataset.table.column("split").to_pylist()),
+                       "decoder": decoder, "alpha": params.get("alpha"), "value": value})
+        return value
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(quality, "evaluate_model", spy)
+    mp.setattr(experiment, "validation_score", score_spy)  # what alpha selection scores with
+    mp.setattr(tempfile, "tempdir", str(scratch))  # so the test can see the work dir go
+    try:
+        result = run_quality_benchmark(
+            quick=True, out_dir=out, seeds=SEEDS, shared_data=scratch / "absent",
+            progress=False, settings=SETTINGS,
+        )
+    finally:
+        mp.undo()
+    return {"result": result, "calls": calls, "scores": scores, "out": out, "full": full,
+            "scratch": scratch}
+
+
+def test_json_structure(bench: dict[str, Any]) -> None:
+    result = bench["result"]
+    on_disk = json.loads(output_paths(bench["out"], quick=True)["json"].read_text())
+    assert on_disk == result
+    for key in ("date", "wall_time_s", "machine", "quick", "seeds", "settings", "configs",
+                "what_varies", "targets", "datasets", "estimated_full_run_s"):
+        assert key in result, key
+    assert result["quick"] is True and result["seeds"] == list(SEEDS)
+    avito = result["datasets"]["avito"]
+    assert set(avito["runs"]) == set(MODELS) | set(ABLATIONS)
+    for variant, records in avito["runs"].items():
+        assert [r["seed"] for r in records] == list(SEEDS), variant
+        summary = avito["summary"][variant]
+        assert {"auc", "gauc", "logloss", "ndcg@5", "recall@5", "list_gain"} <= set(
+            summary["offline"])
+        assert {"expected_gain", "headroom_captured", "category_entropy", "creator_gini",
+                "cold_start_share"} <= set(summary["online"])
+    assert set(avito["decoding"]["summary"]) == set(DECODING)
+    assert len(avito["decoding"]["runs"]) == len(SEEDS)
+    # The data seed differs per seed on the simulator.
+    assert len(set(avito["data"]["data_seeds"])) == len(SEEDS)
+    # No shared data: the real logs are skipped with a reason.
+    for name in ("mind", "ebnerd"):
+        assert "not found" in result["datasets"][name]["skipped"]
+    # Same budget for every trained model.
+    budgets = {(c["train"]["epochs"], c["train"]["patience"], c["train"]["batch_size"],
+                c["model"]["dim"]) for c in result["configs"].values()}
+    assert budgets == {(1, 1, 64, 8)}
+    assert set(result["targets"]) == {"a", "b", "c"}
+
+
+def test_std_is_over_seeds(bench: dict[str, Any]) -> None:
+    avito = bench["result"]["datasets"]["avito"]
+    for variant in ("pointwise", "nar4rec"):
+        runs = avito["runs"][variant]
+        for section, metric in (("online", "expected_gain"), ("offline", "ndcg@5")):
+            values = [r[section][metric] for r in runs]
+            stat = avito["summary"][variant][section][metric]
+            assert stat["values"] == pytest.approx(values)
+            assert stat["n"] == len(SEEDS)
+            assert stat["mean"] == pytest.approx(np.mean(values))
+            assert stat["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_mean_std_and_summarize() -> None:
+    assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3,
+                                         "values": [1.0, 2.0, 3.0]}
+    one = mean_std([0.5])
+    assert one["mean"] == 0.5 and one["std"] is None  # no std from a single seed
+    nan = mean_std([1.0, float("nan"), 3.0])
+    assert nan["n"] == 2 and nan["values"][1] is None and nan["std"] == pytest.approx(math.sqrt(2))
+    s = summarize([{"offline": {"auc": 0.6, "requests": 10}}, {"offline": {"auc": 0.8,
+                                                                          "requests": 10}}])
+    assert set(s["offline"]) == {"auc"}  # counts are not metrics
+    assert s["offline"]["auc"]["mean"] == pytest.approx(0.7)
+
+
+def test_alpha_is_selected_on_valid_and_reported_on_test(bench: dict[str, Any]) -> None:
+    grid = list(experiment.ALPHA_GRID)
+    scores, calls = bench["scores"], bench["calls"]
+    # Selection scores lists on the valid split only; everything reported is on test.
+    assert scores and all(c["splits"] == {"valid"} for c in scores)
+    assert calls and all(c["splits"] == {"test"} for c in calls)
+    # One sweep over the whole grid per nar4rec-family run, in run order (seed, then variant).
+    assert len(scores) % len(grid) == 0
+    sweeps = [scores[i : i + len(grid)] for i in range(0, len(scores), len(grid))]
+    avito = bench["result"]["datasets"]["avito"]
+    runs = [avito["runs"][v][k] for k in range(len(SEEDS)) for v in ABLATIONS]
+    assert len(sweeps) == len(runs)
+    tested = [c["params"]["alpha"] for c in calls if c["decoder"] == "contrastive"]
+    assert tested == [r["alpha_selection"]["chosen"] for r in runs]
+    for sweep, run in zip(sweeps, runs, strict=True):
+        assert [c["alpha"] for c in sweep] == grid
+        assert {c["decoder"] for c in sweep} == {"contrastive"}
+        sel = run["alpha_selection"]
+        assert sel["split"] == "valid"
+        assert sel["values"] == pytest.approx({str(c["alpha"]): c["value"] for c in sweep})
+        values = [c["value"] for c in sweep]
+        assert sel["chosen"] == grid[int(np.argmax(values))]  # ties: the smaller alpha
+        assert run["decoder"] == {"name": "contrastive", "alpha": sel["chosen"]}
+    # The decoding table's contrastive row is the nar4rec run with its valid-chosen alpha.
+    for run, dec in zip(avito["runs"]["nar4rec"], avito["decoding"]["runs"], strict=True):
+        assert dec["contrastive"]["decoder"]["alpha"] == run["alpha_selection"]["chosen"]
+
+
+def test_quick_does_not_overwrite_full(bench: dict[str, Any]) -> None:
+    quick = output_paths(bench["out"], quick=True)
+    assert {p.name for p in quick.values()} == {"quality_quick.json", "quality_quick.md",
+                                                "quality_quick.png"}
+    for path in bench["full"].values():
+        assert path.read_text() == "full results"
+    md = quick["md"].read_text()
+    for heading in ("## avito", "## Ablations", "## Decoding strategies", "## Targets", " ± "):
+        assert heading in md
+    assert quick["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_work_dir_is_removed(bench: dict[str, Any]) -> None:
+    assert "work_dir" not in bench["result"]
+    assert not list(Path(bench["scratch"]).glob("genrerank-quality-*"))
+
+
+def test_variants_change_only_the_named_loss_terms() -> None:
+    _, (lik,) = variant_overrides("nar4rec_likelihood")
+    _, (noc,) = variant_overrides("nar4rec_no_contrastive")
+    base = quality.resolve_config("nar4rec")["loss"]
+    lik_terms = json.loads(lik.split("=", 1)[1])
+    noc_terms = json.loads(noc.split("=", 1)[1])
+    assert [t["name"] for t in lik_terms] == [
+        "likelihood" if t["name"] == "unlikelihood" else t["name"] for t in base]
+    assert noc_terms == [t for t in base if t["name"] != "contrastive"]
+    assert variant_overrides("pointwise") == ("pointwise", ())
