@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,26 @@ import pytest
 from genrerank.data.schema import read_dataset
 from tests.conftest import shared_data_dir
 
-FIXTURES = Path(__file__).parent / "fixtures"
+_STORED = Path(__file__).parent / "fixtures"
+
+
+def _materialise() -> Path:
+    """Copy the hand-written fixtures to a temporary folder under their official file names.
+
+    They are stored as ``<official name>.fixture`` so that nothing named like the licensed data
+    sets (behaviors.tsv, ...) is ever tracked in the repository, while the loaders still read
+    the exact official layout.
+    """
+    root = Path(tempfile.mkdtemp(prefix="genrerank-fixtures-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    for src in _STORED.rglob("*.fixture"):
+        dst = root / src.relative_to(_STORED).with_suffix("")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return root
+
+
+FIXTURES = _materialise()
 
 
 def real_data(name: str) -> Path:
