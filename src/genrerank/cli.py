@@ -99,7 +99,7 @@ def stats_cmd(data_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--model", "model_name", required=True, help="nar4rec, pointwise or prm.")
+@click.option("--model", "model_name", required=True, help="nar4rec, pointwise, prm or logging.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,

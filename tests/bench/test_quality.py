@@ -110,9 +110,12 @@ def test_json_structure(bench: dict[str, Any]) -> None:
     for name in ("mind", "ebnerd"):
         assert "not found" in result["datasets"][name]["skipped"]
     # Same budget for every trained model.
-    budgets = {(c["train"]["epochs"], c["train"]["patience"], c["train"]["batch_size"],
-                c["model"]["dim"]) for c in result["configs"].values()}
-    assert budgets == {(1, 1, 64, 8)}
+    budgets = {(c["train"]["epochs"], c["train"]["patience"], c["train"]["batch_size"])
+               for c in result["configs"].values()}
+    assert budgets == {(1, 1, 64)}
+    widths = {c["model"]["dim"] for c in result["configs"].values() if "dim" in c["model"]}
+    assert widths == {8}
+    assert "logging" in result["configs"]  # the baseline is trained by the same trainer
     assert set(result["targets"]) == {"a", "b", "c"}
 
 

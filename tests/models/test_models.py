@@ -11,7 +11,11 @@ from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.simulator import simulate_to_dir
 from genrerank.models import MODELS, build_model
 
-SMALL = {"dim": 16}
+
+def small(name: str) -> dict:
+    """A tiny config for any registered model (models without a width take none)."""
+    fields = MODELS[name].Config.__dataclass_fields__
+    return {"dim": 16} if "dim" in fields else {}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def _shrink(item: dict, n: int) -> dict:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_outputs_are_distributions_over_real_candidates(name: str, data: RerankDataset) -> None:
     torch.manual_seed(0)
-    model = build_model(name, data.spec, SMALL).eval()
+    model = build_model(name, data.spec, small(name)).eval()
     short = _shrink(data[0], 20)
     batch = collate([short, data[1]])
     out = model(batch)
@@ -49,7 +53,7 @@ def test_outputs_are_distributions_over_real_candidates(name: str, data: RerankD
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_padding_changes_nothing(name: str, data: RerankDataset) -> None:
     torch.manual_seed(0)
-    model = build_model(name, data.spec, SMALL).eval()
+    model = build_model(name, data.spec, small(name)).eval()
     short = _shrink(data[2], 25)
     alone = model(collate([short]))
     padded = model(collate([short, data[3]]))  # pads request 0 to n = 60, m = 6
@@ -73,9 +77,24 @@ def test_models_learn_from_gradients(data: RerankDataset, tmp_path: Path) -> Non
     batch = collate([data[i] for i in range(8)])
     for name in sorted(MODELS):
         torch.manual_seed(0)
-        model = build_model(name, data.spec, SMALL)
+        model = build_model(name, data.spec, small(name))
         out = model(batch)
+        # The list term and the click head: `logging` learns only its click calibration.
         loss = -out.log_probs.gather(1, batch.exposed.unsqueeze(1)).mean()
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(
+            out.click_logits.gather(1, batch.exposed.unsqueeze(1)).squeeze(1),
+            batch.labels["click"])
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), name
+
+
+def test_logging_model_is_the_upstream_order(data: RerankDataset) -> None:
+    from genrerank.decoding.greedy import greedy
+    from genrerank.models.heuristics import upstream_order
+
+    batch = collate([data[i] for i in range(6)])
+    out = build_model("logging", data.spec).eval()(batch)
+    lists = greedy(out.log_probs, batch.candidate_mask, 6)
+    expected = upstream_order(batch.upstream_score.numpy(), batch.candidate_mask.numpy(), 6)
+    assert lists.tolist() == expected.tolist()

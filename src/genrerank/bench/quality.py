@@ -5,8 +5,8 @@ valid; the test split is only ever reported):
 
 - Data sets: the simulator's ``avito`` and ``kuaishou`` presets, and MIND / EB-NeRD converted
   from the shared real logs (skipped, with the reason in the JSON, when those are absent).
-- Models: ``logging`` (the logged lists; offline its ranking score is the upstream score and its
-  click probability a logistic fit of the upstream score on the train split), ``pointwise``,
+- Models: ``logging`` (online: the logged lists, the headroom reference; offline: the `logging`
+  model, i.e. the upstream order with a click head calibrated by the shared trainer), ``pointwise``,
   ``prm`` and ``nar4rec`` (packaged default config, contrastive decoding), each with the same
   budget: the same ``--set`` overrides for max epochs, patience, batch size and width.
 - Seeds: for seed ``s``, ``train.seed = s`` (weights, shuffling, dropout) and, on the simulator,
@@ -43,10 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from genrerank.data.dataset import RerankDataset, collate
-from genrerank.evaluation.offline import Predictions, offline_metrics
+from genrerank.data.dataset import RerankDataset
+from genrerank.evaluation.offline import offline_metrics, predict
 from genrerank.experiment import (
     ALPHA_GRID,
     RUN_CONFIG,
@@ -56,6 +55,7 @@ from genrerank.experiment import (
     top_k_cutoffs,
     train_run,
 )
+from genrerank.models import MODELS as MODEL_REGISTRY
 from genrerank.training import load_model
 from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
@@ -65,8 +65,7 @@ from genrerank.utils.tables import markdown_table
 SIM_DATA_SEED = 7_000
 #: Real-log folders under the shared data folder, by data set name.
 REAL_SOURCES = {"mind": "mind_small_subset", "ebnerd": "ebnerd_sample"}
-TRAINED = ("pointwise", "prm", "nar4rec")
-MODELS = ("logging", *TRAINED)
+MODELS = ("logging", "pointwise", "prm", "nar4rec")
 ABLATIONS = ("nar4rec", "nar4rec_likelihood", "nar4rec_no_contrastive")
 DECODING = ("greedy", "contrastive", "beam", "hungarian", "sample")
 #: Per-run numbers that are not metrics (kept in the runs, left out of the summaries).
@@ -149,12 +148,13 @@ def variant_overrides(variant: str) -> tuple[str, tuple[str, ...]]:
 
 def budget_overrides(settings: QualitySettings, model_name: str, seed: int) -> tuple[str, ...]:
     """The same trainer budget for every model; only the seed differs between runs."""
+    has_width = "dim" in MODEL_REGISTRY[model_name].Config.__dataclass_fields__
     return (
         f"train.seed={seed}",
         f"train.epochs={settings.epochs}",
         f"train.patience={settings.patience}",
         f"train.batch_size={settings.batch_size}",
-        f"model.dim={settings.dim}",
+        *((f"model.dim={settings.dim}",) if has_width else ()),
         "train.progress=false",
         *settings.overrides,
         *settings.model_overrides.get(model_name, ()),
@@ -207,75 +207,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------- logging policy
-
-
-def _pad_concat(parts: list[np.ndarray], fill: Any) -> np.ndarray:
-    width = max(p.shape[1] for p in parts)
-    return np.concatenate(
-        [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=fill) for p in parts]
-    )
-
-
-def fit_upstream_calibration(dataset: RerankDataset, steps: int = 50) -> tuple[float, float]:
-    """``(a, b)`` of ``P(click) = sigmoid(a * upstream + b)`` at the logged positions.
-
-    Newton steps of a (lightly L2-regularised) logistic regression. Fit on the train split, so
-    the logging baseline's LogLoss is a fair comparison and the test split stays unseen.
-    """
-    xs, ys = [], []
-    for batch in DataLoader(dataset, batch_size=1024, shuffle=False, collate_fn=collate):
-        shown = torch.gather(batch.upstream_score, 1, batch.exposed)
-        xs.append(shown[batch.position_mask].double().numpy())
-        ys.append(batch.labels["click"][batch.position_mask].double().numpy())
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    mu, sd = x.mean(), x.std() or 1.0
-    feats = np.stack([(x - mu) / sd, np.ones_like(x)], axis=1)
-    w = np.zeros(2)
-    for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(feats @ w)))
-        grad = feats.T @ (p - y) + 1e-3 * w
-        hess = (feats * (p * (1 - p))[:, None]).T @ feats + 1e-3 * np.eye(2)
-        delta = np.linalg.solve(hess, grad)
-        w -= delta
-        if np.abs(delta).max() < 1e-10:
-            break
-    a = w[0] / sd
-    return float(a), float(w[1] - a * mu)
-
-
-def logging_predictions(dataset: RerankDataset, calibration: tuple[float, float]) -> Predictions:
-    """The logged lists as a policy's predictions; candidates ranked by upstream score."""
-    a, b = calibration
-    acc: dict[str, list[np.ndarray]] = {}
-    labels: dict[str, list[np.ndarray]] = {s: [] for s in dataset.spec.labels}
-    for batch in DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=collate):
-        shown = torch.gather(batch.upstream_score, 1, batch.exposed)
-        for name, value in (
-            ("request_index", batch.request_index[:, None]),
-            ("lists", batch.exposed.masked_fill(~batch.position_mask, -1)),
-            ("candidate_scores", batch.upstream_score.masked_fill(~batch.candidate_mask,
-                                                                  float("-inf"))),
-            ("candidate_mask", batch.candidate_mask),
-            ("exposed", batch.exposed),
-            ("position_mask", batch.position_mask),
-            ("click_prob", torch.sigmoid(a * shown.double() + b).float()),
-        ):
-            acc.setdefault(name, []).append(value.numpy())
-        for s in labels:
-            labels[s].append(batch.labels[s].numpy())
-    return Predictions(
-        request_index=np.concatenate(acc["request_index"])[:, 0],
-        lists=_pad_concat(acc["lists"], -1),
-        candidate_scores=_pad_concat(acc["candidate_scores"], -np.inf),
-        candidate_mask=_pad_concat(acc["candidate_mask"], False),
-        exposed=_pad_concat(acc["exposed"], 0),
-        position_mask=_pad_concat(acc["position_mask"], False),
-        click_prob=_pad_concat(acc["click_prob"], 0.5),
-        labels={s: _pad_concat(v, 0.0) for s, v in labels.items()},
-    )
-
-
 # ---------------------------------------------------------------------------- the benchmark
 
 
@@ -310,24 +241,6 @@ class _Bench:
 
     # ------------------------------------------------------------------ per run
 
-    def logging_run(self, data_dir: Path, seed: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        calibration = fit_upstream_calibration(self.dataset(data_dir, "train"))
-        test = self.dataset(data_dir, "test")
-        preds = logging_predictions(test, calibration)
-        record: dict[str, Any] = {
-            "seed": seed,
-            "decoder": {"name": "logged lists"},
-            "click_calibration": {"a": calibration[0], "b": calibration[1], "split": "train"},
-            "offline": offline_metrics(preds, top_k_cutoffs(test)),
-        }
-        if "simulator" in test.spec.extra:
-            record["online"] = online_metrics(
-                test, preds, "logging", beam_width=self.settings.upper_bound_beam_width
-            )
-        record["eval_s"] = time.perf_counter() - t0
-        return record
-
     def trained_run(
         self, variant: str, data_dir: Path, run_dir: Path, seed: int, simulated: bool
     ) -> tuple[dict[str, Any], torch.nn.Module]:
@@ -354,7 +267,10 @@ class _Bench:
                 "values": chosen.get("scores"),
                 "chosen": decode.get("alpha"),
             }
-        result = self.evaluate(model, data_dir, "test", decoder, decode, variant)
+        if variant == "logging":
+            result = self.logging_policy(model, data_dir)
+        else:
+            result = self.evaluate(model, data_dir, "test", decoder, decode, variant)
         record = {
             "seed": seed,
             "decoder": {"name": decoder, **decode},
@@ -366,6 +282,19 @@ class _Bench:
             "eval_s": time.perf_counter() - t1,
         }
         return record, model
+
+    def logging_policy(self, model: torch.nn.Module, data_dir: Path) -> dict[str, Any]:
+        """The `logging` row: the logged lists as the policy (the headroom reference), with the
+        `logging` model's upstream ranking and calibrated click head for the offline metrics."""
+        test = self.dataset(data_dir, "test")
+        preds = predict(model, test, "greedy")
+        preds.lists = np.where(preds.position_mask, preds.exposed, -1)
+        result: dict[str, Any] = {"offline": offline_metrics(preds, top_k_cutoffs(test))}
+        if "simulator" in test.spec.extra:
+            result["online"] = online_metrics(
+                test, preds, "logging", beam_width=self.settings.upper_bound_beam_width
+            )
+        return result
 
     def decoding_runs(
         self, model: torch.nn.Module, data_dir: Path, seed: int, default: dict[str, Any]
@@ -412,15 +341,12 @@ class _Bench:
             }
             for variant in variants:
                 t0 = time.perf_counter()
-                if variant == "logging":
-                    record = self.logging_run(data_dir, seed)
-                else:
-                    run_dir = self.work / "runs" / name / f"seed{seed}" / variant
-                    record, model = self.trained_run(variant, data_dir, run_dir, seed, simulated)
-                    if ablate and variant == "nar4rec":
-                        t1 = time.perf_counter()
-                        decoding.append(self.decoding_runs(model, data_dir, seed, record))
-                        record["decoding_eval_s"] = time.perf_counter() - t1
+                run_dir = self.work / "runs" / name / f"seed{seed}" / variant
+                record, model = self.trained_run(variant, data_dir, run_dir, seed, simulated)
+                if ablate and variant == "nar4rec":
+                    t1 = time.perf_counter()
+                    decoding.append(self.decoding_runs(model, data_dir, seed, record))
+                    record["decoding_eval_s"] = time.perf_counter() - t1
                 runs[variant].append(record)
                 self.say(f"{name} seed {seed} {variant}: {_brief(record)} "
                          f"({time.perf_counter() - t0:.1f}s)")
@@ -579,7 +505,7 @@ def run_quality_benchmark(
             v: resolve_config(variant_overrides(v)[0], None,
                               (*budget_overrides(settings, variant_overrides(v)[0], seeds[0]),
                                *variant_overrides(v)[1]))
-            for v in (*TRAINED, *ABLATIONS[1:])
+            for v in (*MODELS, *ABLATIONS[1:])
         },
         "datasets": datasets,
     }
@@ -786,8 +712,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         + f" (split 80/10/10 by time). Real logs: requests with more than "
         f"{s['real_max_candidates']} candidates dropped.",
         "",
-        "Models: `logging` = the logged lists (offline: candidates ranked by upstream score, "
-        "click probability = logistic fit of the upstream score on the train split); "
+        "Models: `logging` = the logged lists (offline: the `logging` model = upstream order, "
+        "its click head calibrated on the train split by the shared trainer); "
         "`pointwise`, `prm` (greedy = sort by score); `nar4rec` = packaged default config "
         "(unlikelihood + contrastive + click head) with contrastive decoding, alpha chosen per "
         f"run from {result['alpha_grid']} on the VALID split (`alpha: auto`: expected gain "
