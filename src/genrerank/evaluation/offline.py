@@ -80,9 +80,13 @@ def predict(
     for batch in loader:
         out = model(batch)
         lengths = batch.position_mask.sum(1)
-        if decoder == "contrastive":
-            decoder_params["item_repr"] = out.item_repr
-        lists = decode(decoder, out.log_probs, batch.candidate_mask, lengths, **decoder_params)
+        if getattr(model, "stepwise", False):
+            lists = model.generate(batch, lengths, decoder, **decoder_params)
+        else:
+            if decoder == "contrastive":
+                decoder_params["item_repr"] = out.item_repr
+            lists = decode(decoder, out.log_probs, batch.candidate_mask, lengths,
+                           **decoder_params)
         if isinstance(lists, DecodedLists):
             lists = lists.lists[:, 0]  # best of K
         mass = torch.logsumexp(out.log_probs.masked_fill(~batch.position_mask[:, None, :],

@@ -13,10 +13,12 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from genrerank.data.dataset import Batch
 from genrerank.data.schema import FeatureSpec
+from genrerank.decoding import DecodedLists, decode
 
 MODELS: dict[str, type[RerankModel]] = {}
 
@@ -43,8 +45,33 @@ class RerankModel(nn.Module):
         self.spec = spec
         self.config = config
 
+    #: "generator" models write lists; an "evaluator" scores lists it is given.
+    kind: ClassVar[str] = "generator"
+    #: True for models whose lists depend on earlier choices (autoregressive): their
+    #: ``log_probs`` are teacher-forced on the logged list, and lists come from ``generate``.
+    stepwise: ClassVar[bool] = False
+
     def forward(self, batch: Batch) -> Any:  # -> ModelOutput
         raise NotImplementedError
+
+    @torch.inference_mode()
+    def generate(
+        self, batch: Batch, list_length: int | torch.Tensor, decoder: str = "greedy",
+        **params: Any,
+    ) -> torch.Tensor | DecodedLists:
+        """Lists for ``batch``: ``[B, m]`` (single-list decoders) or DecodedLists ``[B, K, m]``.
+
+        Matrix models decode their ``[B, N, M]`` log-probabilities with a named decoder from
+        :mod:`genrerank.decoding`; autoregressive models override this and decode step by step.
+        ``list_length`` follows the decoders' convention (an int, or per-request lengths ``[B]``).
+        """
+        if isinstance(list_length, torch.Tensor):
+            out = self(batch)  # per-request lengths: the batch's own positions
+        else:
+            out = self(batch, list_length=list_length)
+        if decoder == "contrastive":
+            params = {"item_repr": out.item_repr, **params}
+        return decode(decoder, out.log_probs, batch.candidate_mask, list_length, **params)
 
 
 def make_config(cls: type, values: dict[str, Any] | None) -> Any:
