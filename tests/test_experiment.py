@@ -25,6 +25,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("nar4rec", ("model.dim=16", "model.heads=2")),
     ("pointwise", ("model.dim=16", "model.hidden=16")),
     ("prm", ("model.dim=16", "model.heads=2")),
+    ("autoregressive", ("model.dim=16", "model.n_heads=2", "model.n_kv_heads=1")),
 ])
 def test_train_then_evaluate_cli(sim: Path, tmp_path: Path, model: str, dims) -> None:
     run = tmp_path / "run"

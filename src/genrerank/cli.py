@@ -120,20 +120,34 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
 
 
 @main.command()
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="A trained run (generator or evaluator).")
+@click.option("--pipeline", "pipeline_config", type=click.Path(path_type=Path), default=None,
+              help="A generator-evaluator pipeline config (JSON) instead of a run.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None)
 @click.option("--decoder", default=None, help="greedy, contrastive, beam, sample, hungarian.")
 @click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
 @_user_errors
-def evaluate(run_dir: Path, data_dir: Path, out_file: Path | None, decoder: str | None,
-             decoder_params: tuple[str, ...]) -> None:
-    """Evaluate a run's selected model on the test split (offline; online on simulator data)."""
+def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
+             out_file: Path | None, decoder: str | None, decoder_params: tuple[str, ...]) -> None:
+    """Evaluate a run's selected model, or a pipeline, on the test split (offline; online on
+    simulator data)."""
     import json
 
-    from genrerank.experiment import evaluate_run
+    if (run_dir is None) == (pipeline_config is None):
+        raise click.UsageError("give exactly one of --run and --pipeline")
+    if pipeline_config is not None:
+        if decoder or decoder_params:
+            raise click.UsageError("--decoder applies to --run; a pipeline config names its own")
+        from genrerank.evaluation.generator_evaluator import evaluate_pipeline_config
 
-    result = evaluate_run(run_dir, data_dir, out_file, decoder, _parse_options(decoder_params))
+        result = evaluate_pipeline_config(pipeline_config, data_dir, out_file)
+    else:
+        from genrerank.experiment import evaluate_run
+
+        result = evaluate_run(run_dir, data_dir, out_file, decoder,
+                              _parse_options(decoder_params))
     click.echo(json.dumps(result, indent=2))
 
 
@@ -156,6 +170,43 @@ def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | No
 
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     run_quality_benchmark(quick=quick, out_dir=out_dir, seeds=seed_list, shared_data=shared_data)
+
+
+@bench.command("latency")
+@click.option("--quick", is_flag=True, help="30 runs per cell, short caps: a smoke check.")
+@click.option("--runs", type=click.IntRange(1), default=None,
+              help="Timed runs per cell [default: 200; 30 with --quick].")
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True,
+              help="torch.set_num_threads for every timed call.")
+@click.option("--cell-budget", type=click.FloatRange(0, min_open=True), default=None,
+              help="Seconds of timed runs per cell before its run count is cut (recorded) "
+                   "[default: 1200; 60 with --quick].")
+@click.option("--max-discard", type=click.FloatRange(0), default=None,
+              help="Seconds per cell that may go to timed rounds thrown away because other "
+                   "processes were busy, and to waiting for quiet; 0 keeps every round "
+                   "[default: 1800; 60 with --quick].")
+@click.option("--presets", default=None, help="Comma-separated subset of avito,kuaishou,large.")
+@click.option("--batch-sizes", default=None, help="Comma-separated [default: 1,256].")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory child processes.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@_user_errors
+def bench_latency(quick: bool, runs: int | None, threads: int, cell_budget: float | None,
+                  max_discard: float | None, presets: str | None, batch_sizes: str | None,
+                  no_memory: bool, out_dir: Path) -> None:
+    """Forward + decoding latency (p50 / p99) and peak memory of every model, side by side."""
+    from genrerank.bench.latency import LatencySettings, run_latency_benchmark, settings_with
+
+    def split(text: str | None, cast: Callable[[str], Any]) -> tuple[Any, ...] | None:
+        return None if text is None else tuple(cast(s) for s in text.split(",") if s.strip())
+
+    base = LatencySettings.quick() if quick else LatencySettings.full()
+    settings = settings_with(
+        base, runs=runs, threads=threads, cell_budget_s=cell_budget, max_discard_s=max_discard,
+        presets=split(presets, str.strip), batch_sizes=split(batch_sizes, int),
+        memory=False if no_memory else None,
+    )
+    run_latency_benchmark(quick=quick, out_dir=out_dir, settings=settings)
 
 
 @main.command()

@@ -194,14 +194,21 @@ def evaluate_run(
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split!r} split is empty")
     _check_compatible(model.spec, dataset.spec)
-    name = decode_cfg.pop("name")
+    if getattr(model, "kind", "generator") == "evaluator":  # scores lists, writes none
+        from genrerank.evaluation.list_scoring import evaluate_list_scorer
+
+        evaluated = evaluate_list_scorer(model, dataset)
+    else:
+        name = decode_cfg.pop("name")
+        evaluated = evaluate_model(model, dataset, name, decode_cfg,
+                                   name=str(meta.get("model_name")))
     result = {
         "run": str(run_dir),
         "model": meta.get("model_name"),
         "data": str(data_dir),
         "split": split,
         "selected_epoch": (meta.get("best_metric") or {}).get("epoch"),
-        **evaluate_model(model, dataset, name, decode_cfg, name=str(meta.get("model_name"))),
+        **evaluated,
     }
     if out_file is not None:
         atomic_write_json(out_file, result)

@@ -38,6 +38,8 @@ SETTINGS = QualitySettings(
     dim=8,
     batch_size=64,
     upper_bound_beam_width=2,
+    k_values=(1, 2, 4),
+    ge_k=2,
 )
 
 
@@ -116,7 +118,28 @@ def test_json_structure(bench: dict[str, Any]) -> None:
     widths = {c["model"]["dim"] for c in result["configs"].values() if "dim" in c["model"]}
     assert widths == {8}
     assert "logging" in result["configs"]  # the baseline is trained by the same trainer
-    assert set(result["targets"]) == {"a", "b", "c"}
+    assert set(result["targets"]) == {"a", "b", "c", "d"}
+
+
+def test_generator_evaluator_section(bench: dict[str, Any]) -> None:
+    result = bench["result"]
+    ge = result["datasets"]["avito"]["generator_evaluator"]
+    assert len(ge["runs"]) == len(SEEDS)
+    families = ge["summary"]["families"]
+    assert set(families) == set(quality.GE_FAMILIES)
+    for per_k in families.values():
+        assert set(per_k) == {"1", "2", "4"}
+        for row in per_k.values():
+            # A perfect evaluator can only do better than the trained one on the same lists.
+            assert row["oracle_pick_expected_gain"]["mean"] >= row["expected_gain"]["mean"] - 1e-9
+            assert row["distinct_lists_mean"]["mean"] <= 4
+    assert 0.0 <= ge["summary"]["evaluator"]["offline"]["click_auc"]["mean"] <= 1.0
+    d = result["targets"]["d"]
+    assert d["status"] in ("met", "not met")
+    assert d["best_single"] in {*MODELS, *(f"{f} (K=1)" for f in families)}
+    assert output_paths(bench["out"], quick=True)["kcurve"].stat().st_size > 10_000
+    md = output_paths(bench["out"], quick=True)["md"].read_text()
+    assert "## Generator-evaluator (avito, test split)" in md and "(d) on avito" in md
 
 
 def test_std_is_over_seeds(bench: dict[str, Any]) -> None:
@@ -176,7 +199,7 @@ def test_alpha_is_selected_on_valid_and_reported_on_test(bench: dict[str, Any]) 
 def test_quick_does_not_overwrite_full(bench: dict[str, Any]) -> None:
     quick = output_paths(bench["out"], quick=True)
     assert {p.name for p in quick.values()} == {"quality_quick.json", "quality_quick.md",
-                                                "quality_quick.png"}
+                                                "quality_quick.png", "quality_quick_kcurve.png"}
     for path in bench["full"].values():
         assert path.read_text() == "full results"
     md = quick["md"].read_text()

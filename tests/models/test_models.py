@@ -13,7 +13,8 @@ from genrerank.models import MODELS, build_model
 
 # Only the library's own models: test modules register toy models into the same registry.
 BUILTIN_MODELS = sorted(
-    name for name, cls in MODELS.items() if cls.__module__.startswith("genrerank.")
+    name for name, cls in MODELS.items()
+    if cls.__module__.startswith("genrerank.") and cls.kind == "generator"
 )
 
 

@@ -20,7 +20,10 @@ MODEL_COLORS = {
     "nar4rec": "#c44e52",
     "nar4rec_likelihood": "#dd8452",
     "nar4rec_no_contrastive": "#8172b3",
+    "autoregressive": "#937860",
 }
+FAMILY_COLORS = {"mmr": "#55a868", "perturb": "#8c8c8c", "nar4rec": "#c44e52",
+                 "autoregressive": "#937860", "mix": "#4c72b0"}
 DECODER_COLOR = "#c44e52"
 
 
@@ -143,4 +146,49 @@ def plot_quality(result: Mapping[str, Any], path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)  # atomic: a reader never sees half a PNG
+    return path
+
+
+def plot_k_curve(result: Mapping[str, Any], path: str | Path) -> Path:
+    """Generator-evaluator against K: expected gain of the served list (solid, band = std over
+    seeds) and of the oracle's pick among the same K lists (dotted: what a perfect evaluator
+    would serve), per generator family; logging and the upper bound as reference lines. The x
+    axis is logarithmic, so diminishing returns show as a flattening curve."""
+    ds = result["settings"]["ablation_dataset"]
+    summary = result["datasets"][ds]["generator_evaluator"]["summary"]
+    fig = Figure(figsize=(11, 4.6))
+    FigureCanvasAgg(fig)
+    gain_ax, head_ax = fig.subplots(1, 2)
+    for family, per_k in summary["families"].items():
+        ks = sorted(int(k) for k in per_k)
+        color = FAMILY_COLORS.get(family)
+        for ax, metric in ((gain_ax, "expected_gain"), (head_ax, "headroom_captured")):
+            means = [per_k[str(k)][metric]["mean"] for k in ks]
+            stds = [per_k[str(k)][metric]["std"] or 0.0 for k in ks]
+            ax.plot(ks, means, marker="o", color=color, label=family, linewidth=1.8)
+            ax.fill_between(ks, [m - s for m, s in zip(means, stds, strict=True)],
+                            [m + s for m, s in zip(means, stds, strict=True)],
+                            color=color, alpha=0.12)
+            oracle = [per_k[str(k)][f"oracle_pick_{metric}"]["mean"] for k in ks]
+            ax.plot(ks, oracle, linestyle=":", color=color, linewidth=1.2)
+    for ax in (gain_ax, head_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("K (lists proposed)")
+        ax.grid(alpha=0.3)
+    logging = summary["logging_expected_gain"]["mean"]
+    upper = summary["upper_bound_expected_gain"]["mean"]
+    gain_ax.axhline(logging, color=MODEL_COLORS["logging"], linestyle="--", linewidth=1.2,
+                    label=f"logging {logging:.3f}")
+    gain_ax.axhline(upper, color="black", linestyle="--", linewidth=1.0,
+                    label=f"upper bound {upper:.3f}")
+    gain_ax.set_ylabel("expected gain (oracle)")
+    gain_ax.set_title(f"{ds}: served list (solid), oracle pick of the K (dotted)", fontsize=10)
+    head_ax.axhline(0.0, color=MODEL_COLORS["logging"], linestyle="--", linewidth=1.0)
+    head_ax.set_ylabel("headroom captured")
+    head_ax.set_title("headroom = (G-E - logging) / (upper bound - logging)", fontsize=10)
+    gain_ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     return path

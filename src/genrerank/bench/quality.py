@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from genrerank.data.dataset import RerankDataset
+from genrerank.evaluation.generator_evaluator import K_VALUES, k_curve
+from genrerank.evaluation.list_scoring import evaluate_list_scorer
 from genrerank.evaluation.offline import offline_metrics, predict
 from genrerank.experiment import (
     ALPHA_GRID,
@@ -65,7 +67,9 @@ from genrerank.utils.tables import markdown_table
 SIM_DATA_SEED = 7_000
 #: Real-log folders under the shared data folder, by data set name.
 REAL_SOURCES = {"mind": "mind_small_subset", "ebnerd": "ebnerd_sample"}
-MODELS = ("logging", "pointwise", "prm", "nar4rec")
+MODELS = ("logging", "pointwise", "prm", "nar4rec", "autoregressive")
+#: Generator families of the generator-evaluator K curve ("mix" = all of them, K shared).
+GE_FAMILIES = ("mmr", "perturb", "nar4rec", "autoregressive", "mix")
 ABLATIONS = ("nar4rec", "nar4rec_likelihood", "nar4rec_no_contrastive")
 DECODING = ("greedy", "contrastive", "beam", "hungarian", "sample")
 #: Per-run numbers that are not metrics (kept in the runs, left out of the summaries).
@@ -91,6 +95,12 @@ class QualitySettings:
     sample_temperature: float = 1.0
     upper_bound_beam_width: int = 16
     ablation_dataset: str = "kuaishou"
+    #: Generator-evaluator on the ablation data set: K values of the curve, K of the G-E rows.
+    k_values: tuple[int, ...] = K_VALUES
+    ge_k: int = 16
+    #: False: on the ablation data set, skip the nar4rec ablations and decoding comparison
+    #: (keeps the generator-evaluator part; for a shorter run).
+    ablations: bool = True
     overrides: tuple[str, ...] = ()  # extra --set overrides for every trained model
     model_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -113,7 +123,9 @@ def output_paths(out_dir: str | Path, quick: bool) -> dict[str, Path]:
     """``quality.{json,md,png}``, or ``quality_quick.*`` for a quick run."""
     stem = "quality_quick" if quick else "quality"
     out_dir = Path(out_dir)
-    return {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+    paths["kcurve"] = out_dir / f"{stem}_kcurve.png"
+    return paths
 
 
 def default_shared_data() -> Path:
@@ -190,6 +202,35 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
         ]
         out[section] = {k: mean_std([p.get(k) for p in present]) for k in keys}
     return out
+
+
+def summarize_ge(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per family and K: mean_std over seeds of the served and oracle-pick gains."""
+    families: dict[str, Any] = {}
+    for family in runs[0]["k_curve"]["families"]:
+        per_k: dict[str, Any] = {}
+        for i, row in enumerate(runs[0]["k_curve"]["families"][family]):
+            per_k[str(row["k"])] = {
+                metric: mean_std([r["k_curve"]["families"][family][i][metric] for r in runs])
+                for metric in row if metric != "k"
+            }
+        families[family] = per_k
+    def flat(assessment: Mapping[str, Any], section: str) -> dict[str, Any]:
+        values = dict(assessment.get(section) or {})
+        for signal, stats in values.pop("signals", {}).items():  # per-item AUC per signal
+            values[f"{signal}_auc"] = stats.get("auc")
+        return {k: v for k, v in values.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    evaluator: dict[str, Any] = {}
+    for section in ("offline", "oracle"):
+        per_run = [flat(r["evaluator"], section) for r in runs]
+        evaluator[section] = {k: mean_std([p.get(k) for p in per_run]) for k in per_run[0]}
+    return {"families": families, "evaluator": evaluator,
+            "logging_expected_gain": mean_std([r["k_curve"]["logging_expected_gain"]
+                                               for r in runs]),
+            "upper_bound_expected_gain": mean_std([r["k_curve"]["upper_bound_expected_gain"]
+                                                   for r in runs])}
 
 
 def _json_safe(value: Any) -> Any:
@@ -324,31 +365,82 @@ class _Bench:
             }
         return out
 
+    def generator_evaluator(
+        self, name: str, data_dir: Path, seed: int, trained: Mapping[str, torch.nn.Module]
+    ) -> dict[str, Any]:
+        """Train the list evaluator (train split, selection on valid), assess it, and measure
+        G-E on the test split for every generator family and K."""
+        from genrerank.pipeline import (
+            AutoregressiveGenerator,
+            MMRGenerator,
+            NAR4RecGenerator,
+            PerturbGenerator,
+            UpstreamOrder,
+        )
+
+        s = self.settings
+        run_dir = self.work / "runs" / name / f"seed{seed}" / "evaluator"
+        t0 = time.perf_counter()
+        best = train_run("evaluator", data_dir, run_dir,
+                         overrides=budget_overrides(s, "evaluator", seed), overwrite=True)
+        train_s = time.perf_counter() - t0
+        evaluator, _ = load_model(run_dir, "best")
+        test = self.dataset(data_dir, "test")
+        t1 = time.perf_counter()
+        assessment = evaluate_list_scorer(evaluator, test, seed=seed)
+        sample = {"top_k": s.sample_top_k, "temperature": s.sample_temperature, "seed": seed}
+        nar = NAR4RecGenerator(trained["nar4rec"], "sample", **sample)
+        ar = AutoregressiveGenerator(trained["autoregressive"], "beam")
+        mmr, perturb = MMRGenerator(), PerturbGenerator(seed=seed)
+        families = {"mmr": [mmr], "perturb": [perturb], "nar4rec": [nar],
+                    "autoregressive": [ar], "mix": [nar, ar, mmr, perturb, UpstreamOrder()]}
+        curve = k_curve(test, families, evaluator, ks=s.k_values,
+                        upper_bound_beam_width=s.upper_bound_beam_width)
+        return {"seed": seed, "evaluator": {**assessment, "train": {
+                    "best": best, "train_s": train_s}},
+                "k_curve": curve, "eval_s": time.perf_counter() - t1,
+                "generators": {"nar4rec": f"sample (top-k {s.sample_top_k}, temperature "
+                                          f"{s.sample_temperature}), most likely first",
+                               "autoregressive": "beam search, width = K",
+                               "mmr": "K diversity weights spread over (0, 1)",
+                               "perturb": "2 random swaps of the upstream order (top m + 4)",
+                               "mix": "K shared round-robin: nar4rec, autoregressive, mmr, "
+                                      "perturb, upstream order (one list)"}}
+
     # ------------------------------------------------------------------ per data set
 
     def run_dataset(
         self, name: str, data_dirs: Callable[[int], Path], seeds: Sequence[int], simulated: bool
     ) -> dict[str, Any]:
         ablate = name == self.settings.ablation_dataset
-        variants = MODELS + (ABLATIONS[1:] if ablate else ())
+        ablations = ablate and self.settings.ablations
+        variants = MODELS + (ABLATIONS[1:] if ablations else ())
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         decoding: list[dict[str, Any]] = []
+        ge: list[dict[str, Any]] = []
         splits: dict[str, Any] = {}
         for seed in seeds:
             data_dir = data_dirs(seed)
             splits[str(seed)] = {
                 s: len(self.dataset(data_dir, s)) for s in ("train", "valid", "test")
             }
+            trained: dict[str, torch.nn.Module] = {}
             for variant in variants:
                 t0 = time.perf_counter()
                 run_dir = self.work / "runs" / name / f"seed{seed}" / variant
                 record, model = self.trained_run(variant, data_dir, run_dir, seed, simulated)
-                if ablate and variant == "nar4rec":
+                if ablations and variant == "nar4rec":
                     t1 = time.perf_counter()
                     decoding.append(self.decoding_runs(model, data_dir, seed, record))
                     record["decoding_eval_s"] = time.perf_counter() - t1
                 runs[variant].append(record)
+                trained[variant] = model
                 self.say(f"{name} seed {seed} {variant}: {_brief(record)} "
+                         f"({time.perf_counter() - t0:.1f}s)")
+            if ablate:
+                t0 = time.perf_counter()
+                ge.append(self.generator_evaluator(name, data_dir, seed, trained))
+                self.say(f"{name} seed {seed} generator-evaluator: {_brief_ge(ge[-1])} "
                          f"({time.perf_counter() - t0:.1f}s)")
             # Free this seed's cached datasets: a full run holds several simulated worlds.
             self._datasets = {k: v for k, v in self._datasets.items() if k[0] != str(data_dir)}
@@ -358,12 +450,21 @@ class _Bench:
             "runs": runs,
             "summary": {v: summarize(runs[v]) for v in variants},
         }
+        if ge:
+            out["generator_evaluator"] = {"runs": ge, "summary": summarize_ge(ge)}
         if decoding:
             out["decoding"] = {
                 "runs": decoding,
                 "summary": {d: summarize([r[d] for r in decoding]) for d in DECODING},
             }
         return out
+
+
+def _brief_ge(record: Mapping[str, Any]) -> str:
+    rows = record["k_curve"]["families"]["mix"]
+    last = rows[-1]
+    return (f"mix K={last['k']} expected gain {last['expected_gain']:.4f} (oracle pick "
+            f"{last['oracle_pick_expected_gain']:.4f}), K=1 {rows[0]['expected_gain']:.4f}")
 
 
 def _brief(record: Mapping[str, Any]) -> str:
@@ -521,9 +622,14 @@ def run_quality_benchmark(
     from genrerank.bench.plots import plot_quality
 
     plot_quality(result, paths["png"])
+    if any("generator_evaluator" in d for d in result["datasets"].values()):
+        from genrerank.bench.plots import plot_k_curve
+
+        plot_k_curve(result, paths["kcurve"])
     if progress:
         print(render_targets(result), flush=True)
-        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {wall:.0f}s", flush=True)
+        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}, {paths['kcurve']} in "
+              f"{wall:.0f}s", flush=True)
     return result
 
 
@@ -576,6 +682,7 @@ def targets(result: Mapping[str, Any]) -> dict[str, Any]:
         b["status"] = "met" if ul["mean"] > lik["mean"] else "not met"
         b["beyond_one_std"] = beyond
     return {
+        "d": ge_target(result),
         "a": {"text": f"on {ds}, nar4rec (contrastive decoding) beats pointwise and prm on "
                       "expected list gain and headroom captured by more than one std over seeds",
               "checks": a,
@@ -585,6 +692,39 @@ def targets(result: Mapping[str, Any]) -> dict[str, Any]:
         "c": {"text": "on MIND and EB-NeRD, AUC, NDCG@k and Recall@k for every model in one table",
               "status": "see table"},
     }
+
+
+def ge_target(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Issue 4: G-E with K = ge_k captures more headroom than any single generator (the
+    single-list models of the main table, and every G-E family at K = 1)."""
+    ds = result["settings"]["ablation_dataset"]
+    k = str(result["settings"]["ge_k"])
+    text = (f"on {ds}, G-E with K = {k} captures more headroom than any single generator")
+    ge = result["datasets"].get(ds, {}).get("generator_evaluator")
+    if not ge:
+        return {"text": text, "status": "not measured"}
+    families = ge["summary"]["families"]
+    singles: dict[str, Any] = {
+        m: _stat(result, ds, m, "online", "headroom_captured") for m in MODELS if m != "logging"
+    }
+    singles.update({f"{f} (K=1)": families[f]["1"]["headroom_captured"]
+                    for f in families if "1" in families[f]})
+    singles = {n: v for n, v in singles.items() if v and v.get("mean") is not None}
+    ge_rows = {f: families[f][k]["headroom_captured"] for f in families if k in families[f]}
+    if not singles or not ge_rows:
+        return {"text": text, "status": "not measured"}
+    best_single = max(singles, key=lambda n: singles[n]["mean"])
+    best_ge = max(ge_rows, key=lambda n: ge_rows[n]["mean"])
+    check = _beats(ge_rows[best_ge], singles[best_single])
+    return {"text": text,
+            "status": "met" if ge_rows[best_ge]["mean"] > singles[best_single]["mean"]
+            else "not met",
+            "beyond_one_std": check["status"], "best_ge": best_ge,
+            "best_ge_headroom": ge_rows[best_ge], "mix_headroom": ge_rows.get("mix"),
+            "best_single": best_single, "best_single_headroom": singles[best_single],
+            "singles": {n: v["mean"] for n, v in singles.items()},
+            **{key: check[key] for key in ("gap", "paired_gap_mean", "paired_gap_std")
+               if key in check}}
 
 
 def _all_met(statuses: Sequence[str]) -> str:
@@ -665,6 +805,18 @@ def render_targets(result: Mapping[str, Any]) -> str:
                      f"{b['likelihood_mean']:.4f} (gap {b['gap']:+.4f}{paired}; beyond one "
                      f"std: {b['beyond_one_std']})")
     lines += ["", f"(c) {t['c']['text']}:", "", real_data_table(result)]
+    d = t.get("d")
+    if d:
+        lines += ["", f"(d) {d['text']}: **{d['status']}**"]
+        if "best_ge" in d:
+            mix = (f"; mix {_fmt(d['mix_headroom'])}" if d.get("mix_headroom") else "")
+            paired = (f", paired per-seed gap {d['paired_gap_mean']:+.4f} ± "
+                      f"{d['paired_gap_std']:.4f}" if "paired_gap_mean" in d else "")
+            lines.append(f"- best G-E family {d['best_ge']}: headroom "
+                         f"{_fmt(d['best_ge_headroom'])}{mix}; best single generator "
+                         f"{d['best_single']}: {_fmt(d['best_single_headroom'])} (gap "
+                         f"{d.get('gap', float('nan')):+.4f}{paired}; beyond one std: "
+                         f"{d['beyond_one_std']})")
     return "\n".join(lines)
 
 
@@ -780,12 +932,61 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                 criterion = entry["runs"]["nar4rec"][0]["alpha_selection"]["criterion"]
                 lines += [f"Alpha selection (valid split, {criterion}):", "",
                           markdown_table(rows), ""]
+    lines += ge_markdown(result)
     lines += [render_targets(result), ""]
     lines += ["## Time per run", "", timing_table(result), ""]
     stem = "quality_quick" if quick else "quality"
     lines += [f"Files: `{stem}.json` (everything, with the configs used), `{stem}.png`. "
               f"Reproduce: `genrerank bench quality{' --quick' if quick else ''}`.", ""]
     return "\n".join(lines)
+
+
+def ge_markdown(result: Mapping[str, Any]) -> list[str]:
+    """The generator-evaluator section: evaluator quality, G-E rows at K, the K curve."""
+    s = result["settings"]
+    ds = s["ablation_dataset"]
+    entry = result["datasets"].get(ds, {})
+    ge = entry.get("generator_evaluator")
+    if not ge:
+        return []
+    summary = ge["summary"]
+    ev = summary["evaluator"]
+    k = str(s["ge_k"])
+    lines = [f"## Generator-evaluator ({ds}, test split)", "",
+             "Evaluator (`evaluator`: causal Transformer over a list, per-item click / like / "
+             "long-view heads, list score = discounted sum of predicted gains), trained on the "
+             "logged lists of the train split, selected on valid. On the test split: per-item "
+             f"click AUC {_fmt(ev['offline'].get('click_auc'))}; on K generated lists per "
+             "request (logged, upstream, MMR, perturbations, random) Spearman with the oracle's "
+             f"expected gain: pooled {_fmt(ev['oracle'].get('spearman_pooled'))}, within "
+             f"request {_fmt(ev['oracle'].get('spearman_within_request'))}.", ""]
+    rows = []
+    for family, per_k in summary["families"].items():
+        for key in ("1", k):
+            if key not in per_k:
+                continue
+            r = per_k[key]
+            rows.append({"generators": family, "K": key,
+                         "expected_gain": _fmt(r["expected_gain"]),
+                         "headroom_captured": _fmt(r["headroom_captured"]),
+                         "oracle pick (perfect evaluator)": _fmt(r["oracle_pick_expected_gain"]),
+                         "distinct lists": _fmt(r["distinct_lists_mean"], 1)})
+    lines += [f"G-E rows: the evaluator picks one of K proposed lists (K = 1: the generator's "
+              f"first list, no choice). Logging {_fmt(summary['logging_expected_gain'])}, "
+              f"upper bound {_fmt(summary['upper_bound_expected_gain'])}.", "",
+              markdown_table(rows), ""]
+    gens = ge["runs"][0].get("generators", {})
+    if gens:
+        lines += ["Generators: " + "; ".join(f"{n}: {d}" for n, d in gens.items()) + ".", ""]
+    ar = _stat(result, ds, "autoregressive", "online", "expected_gain")
+    nar = _stat(result, ds, "nar4rec", "online", "expected_gain")
+    if ar and nar:
+        lines += [f"Autoregressive (beam 4) vs nar4rec (contrastive decoding), single list: "
+                  f"expected gain {_fmt(ar)} vs {_fmt(nar)}.", ""]
+    stem = "quality_quick" if result["quick"] else "quality"
+    lines += [f"K curve (expected gain of the served list and of the oracle's pick against "
+              f"K = {s['k_values']}): `{stem}_kcurve.png`.", ""]
+    return lines
 
 
 def timing_table(result: Mapping[str, Any]) -> str:
@@ -802,6 +1003,16 @@ def timing_table(result: Mapping[str, Any]) -> str:
                 "eval s (mean)": float(np.mean([r.get("eval_s", 0.0)
                                                 + r.get("decoding_eval_s", 0.0)
                                                 for r in records])),
+            })
+        ge = entry.get("generator_evaluator")
+        if ge:
+            rows.append({
+                "data set": name,
+                "model": "evaluator + G-E K curve",
+                "train s (mean, incl. alpha selection)": float(np.mean(
+                    [r["evaluator"]["train"]["train_s"] for r in ge["runs"]])),
+                "epochs run": "-",
+                "eval s (mean)": float(np.mean([r["eval_s"] for r in ge["runs"]])),
             })
     return markdown_table(rows, digits=1) if rows else ""
 
@@ -840,6 +1051,12 @@ def estimate_full_seconds(result: Mapping[str, Any], full: QualitySettings) -> d
                 if "train" in r and r["train"]["evaluations"]:
                     per_epoch = r["train"]["train_s"] / r["train"]["evaluations"]
                     total += per_epoch * scale * dim_factor * full.epochs
+        for r in entry.get("generator_evaluator", {}).get("runs", []):
+            # The evaluator trains like the others (max epochs scale); the K curve scales with
+            # the number of test requests.
+            total += r["evaluator"]["train"]["train_s"] * scale * dim_factor * (
+                full.epochs / max(quick["epochs"], 1))
+            total += r["eval_s"] * scale
     seeds = max(len(result["seeds"]), 1)
     total *= 3 / seeds  # the full run uses three seeds
     return {

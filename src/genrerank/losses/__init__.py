@@ -24,7 +24,14 @@ from torch import nn
 from genrerank.data.dataset import Batch
 
 # Importing the loss modules runs their @register_loss decorators (fills LOSSES).
-from genrerank.losses import click, contrastive, length, likelihood, unlikelihood  # noqa: F401
+from genrerank.losses import (  # noqa: F401
+    click,
+    contrastive,
+    length,
+    likelihood,
+    signals,
+    unlikelihood,
+)
 from genrerank.losses.base import (
     DEFAULT_TAU_QUANTILE,
     LOSSES,
@@ -132,7 +139,7 @@ class CompositeLoss(nn.Module):
     def forward(
         self, out: ModelOutput, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total = torch.zeros((), device=out.log_probs.device)
+        total = torch.zeros((), device=batch.candidate_mask.device)  # any model output kind
         components: dict[str, torch.Tensor] = {}
         for key, loss in self.losses.items():
             weight = self.weights[key]

@@ -21,6 +21,7 @@ from genrerank.metrics.ranking import DEFAULT_GAIN_WEIGHTS
 __all__ = [
     "DEFAULT_TAU_QUANTILE",
     "LOSSES",
+    "ListScoreOutput",
     "Loss",
     "ModelOutput",
     "exposed_log_probs",
@@ -57,6 +58,19 @@ class ModelOutput:
     position_repr: torch.Tensor | None = None
     click_logits: torch.Tensor | None = None
     length_logits: torch.Tensor | None = None
+
+
+@dataclass
+class ListScoreOutput:
+    """What a list evaluator (a model of ``kind = "evaluator"``) returns from ``forward``.
+
+    Attributes:
+        signal_logits: signal name -> ``[B, M]`` logit that the item at position j of each list
+            gets that signal (e.g. is clicked), given the items above it. Entries at empty or
+            padded positions are arbitrary (finite) and ignored by every loss and score.
+    """
+
+    signal_logits: dict[str, torch.Tensor]
 
 
 class Loss(nn.Module):

@@ -1,6 +1,13 @@
 """Re-ranking models, one file each, registered by name (see ``base.build_model``)."""
 
-from genrerank.models import autoregressive, logging, nar4rec, pointwise, prm  # noqa: F401  (registration)
+from genrerank.models import (  # noqa: F401  (registration)
+    autoregressive,
+    evaluator,
+    logging,
+    nar4rec,
+    pointwise,
+    prm,
+)
 from genrerank.models.base import MODELS, RerankModel, build_model, register_model
 
 __all__ = ["MODELS", "RerankModel", "build_model", "register_model"]
