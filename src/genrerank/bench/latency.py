@@ -677,6 +677,10 @@ def _ms(x: float | None) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
 
+def _mib(x: float | None) -> str:
+    return "-" if x is None else "< 0.1" if x < 0.05 else f"{x:,.1f}"
+
+
 def _cores(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -722,8 +726,7 @@ def detail_table(result: Mapping[str, Any]) -> str:
                 "mean ms": _ms(s["mean_ms"]), "min ms": _ms(s["min_ms"]),
                 "p50 ms / request": _ms(s["p50_ms"] / c["batch_size"]),
                 "runs": s["runs"],
-                "peak MiB (call)": "-" if "call_peak_mib" not in mem
-                else f"{mem['call_peak_mib']:,.1f}",
+                "peak MiB (call)": _mib(mem.get("call_peak_mib")),
             })
     return markdown_table(rows)
 
