@@ -22,8 +22,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from genrerank.data.dataset import RerankDataset, collate
-from genrerank.evaluation.offline import _LIST_BONUS, Predictions, offline_metrics
-from genrerank.evaluation.online import evaluate_online, headroom_captured
+from genrerank.evaluation.offline import (
+    _LIST_BONUS,
+    Predictions,
+    collect_predictions,
+    offline_metrics,
+)
+from genrerank.evaluation.online import headroom_captured
 from genrerank.pipeline import ListGenerator, Pipeline, Reranked
 
 #: K values of the K curve (powers of two up to 64).
@@ -65,31 +70,15 @@ def _served(pipe: Pipeline, dataset: RerankDataset, batch_size: int,
             sim, state = oracle
             b, k, m = served.proposals.lists.shape
             idx = np.arange(start, start + b)
-            sub = _subset(state, idx)
+            sub = state.take(idx)
             flat = served.proposals.lists.reshape(b * k, m).numpy()
-            rep = _subset(sub, np.repeat(np.arange(b), k))
+            rep = sub.take(np.repeat(np.arange(b), k))
             gains = sim.expected_gain(rep, np.maximum(flat, 0), flat >= 0).reshape(b, k)
             gains = np.where(valid.numpy(), gains, -np.inf)
             extra["oracle_best"].append(gains.max(1))
         start += batch.batch_size
-    from genrerank.evaluation.offline import _pad_cat
-
-    preds = Predictions(
-        request_index=np.concatenate(acc["request_index"]),
-        lists=_pad_cat(acc["lists"], -1),
-        candidate_scores=_pad_cat(acc["candidate_scores"], -np.inf),
-        candidate_mask=_pad_cat(acc["candidate_mask"], False),
-        exposed=_pad_cat(acc["exposed"], 0),
-        position_mask=_pad_cat(acc["position_mask"], False),
-        click_prob=_pad_cat(acc["click_prob"], 0.5),
-        labels={s: _pad_cat(v, 0.0) for s, v in labels.items()},
-    )
+    preds = collect_predictions(acc, labels)
     return preds, {k: np.concatenate(v) for k, v in extra.items() if v}
-
-
-def _subset(state: Any, rows: np.ndarray) -> Any:
-    """Rows of a simulator RequestState (every array field is indexed by request)."""
-    return state.take(rows)
 
 
 def _oracle(dataset: RerankDataset) -> tuple[Any, Any]:
@@ -107,7 +96,7 @@ def evaluate_pipeline(
     name: str = "generator-evaluator",
 ) -> dict[str, Any]:
     """Offline metrics of the served lists; online ones under the oracle for simulator data."""
-    from genrerank.experiment import top_k_cutoffs
+    from genrerank.experiment import online_metrics, top_k_cutoffs
 
     simulated = "simulator" in dataset.spec.extra
     oracle = _oracle(dataset) if simulated else None
@@ -121,18 +110,11 @@ def evaluate_pipeline(
         "offline": offline_metrics(preds, top_k_cutoffs(dataset)),
     }
     if oracle is not None:
-        sim, state = oracle
-        logged = np.where(preds.position_mask, preds.exposed, -1)
-        _, upper = sim.upper_bound(state, beam_width=upper_bound_beam_width)
-        reports = evaluate_online(sim, state, {name: preds.lists, "logging": logged}, logged,
-                                  upper_bound_gains=upper)
-        online = reports[0].to_dict()
-        online["logging_expected_gain"] = reports[1].expected_gain
-        online["upper_bound_expected_gain"] = float(upper.mean())
+        online = online_metrics(dataset, preds, name, upper_bound_beam_width)
         best = float(extra["oracle_best"].mean())
         online["oracle_pick_expected_gain"] = best
         online["oracle_pick_headroom_captured"] = headroom_captured(
-            best, reports[1].expected_gain, float(upper.mean()))
+            best, online["logging_expected_gain"], online["upper_bound_expected_gain"])
         result["online"] = online
     return result
 

@@ -107,6 +107,14 @@ def predict(
             acc.setdefault(name, []).append(value.cpu().numpy())
         for s in labels:
             labels[s].append(batch.labels[s].numpy())
+    return collect_predictions(acc, labels)
+
+
+def collect_predictions(
+    acc: dict[str, list[np.ndarray]], labels: dict[str, list[np.ndarray]]
+) -> Predictions:
+    """Per-batch arrays (each field's list, as ``predict`` accumulates them) padded to the
+    largest n and m and concatenated."""
     return Predictions(
         request_index=np.concatenate(acc["request_index"]),
         lists=_pad_cat(acc["lists"], -1),
