@@ -151,6 +151,76 @@ def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
     click.echo(json.dumps(result, indent=2))
 
 
+@main.command("export")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True, help="Run folder (its best/ checkpoint is exported).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--quantize", is_flag=True, help="Also write int8 (dynamic quantization) graphs.")
+@click.option("--no-check", is_flag=True, help="Skip the PyTorch parity check.")
+@_user_errors
+def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> None:
+    """Export a run to ONNX (dynamic batch, n and m) and check parity with PyTorch."""
+    from genrerank.serving.export import ExportError, export_run
+
+    try:
+        manifest = export_run(run_dir, out_dir, quantize=quantize, check=not no_check)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    graphs = ", ".join(g["file"] for g in manifest["graphs"].values())
+    click.echo(f"exported {manifest['model_version']} ({manifest['kind']}) to {out_dir}: "
+               f"{graphs} in {manifest['export_seconds']:.1f} s")
+    if "int8_graphs" in manifest:
+        click.echo("int8 graphs: " + ", ".join(manifest["int8_graphs"].values()))
+    parity = manifest.get("parity")
+    if parity:
+        diffs = ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in parity["max_abs_diff"].items())
+        click.echo(f"parity on {len(parity['sizes'])} requests (n = "
+                   f"{'/'.join(map(str, parity['sizes']))}, m = {parity['list_length']}): "
+                   f"max |onnx - torch| {diffs}; decoded lists identical: "
+                   f"{parity['lists_identical']}")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="Serve a run folder with PyTorch.")
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path, exists=True,
+                                                    file_okay=False),
+              default=None, help="Serve an export folder with ONNX Runtime.")
+@click.option("--int8", is_flag=True, help="Use the export's int8 graphs (--onnx only).")
+@click.option("--pipeline", "pipeline_config", type=click.Path(path_type=Path, exists=True,
+                                                               dir_okay=False),
+              default=None, help="Also offer strategy 'pipeline' (generator-evaluator).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Intra-op threads of the model.")
+@click.option("--cache-size", type=click.IntRange(0), default=100_000, show_default=True,
+              help="Items in the item-embedding cache (0: no cache).")
+@click.option("--max-candidates", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--timeout-ms", type=click.FloatRange(1), default=1000.0, show_default=True,
+              help="Per-request model timeout (504 past it).")
+@click.option("--log-level", default="warning", show_default=True)
+@_user_errors
+def serve(run_dir: Path | None, onnx_dir: Path | None, int8: bool,
+          pipeline_config: Path | None, host: str, port: int, threads: int, cache_size: int,
+          max_candidates: int, timeout_ms: float, log_level: str) -> None:
+    """Serve POST /v1/rerank (+ /healthz, /readyz, /metrics, /docs) over HTTP."""
+    import uvicorn
+
+    from genrerank.serving.app import create_app
+    from genrerank.serving.runtime import load_reranker
+
+    service = load_reranker(run_dir, onnx_dir, threads=threads, int8=int8,
+                            cache_size=cache_size, max_candidates=max_candidates,
+                            pipeline_config=pipeline_config)
+    app = create_app(service, timeout_s=timeout_ms / 1000.0)
+    backend = service.backend.name
+    click.echo(f"serving {service.model_version} ({backend}, {threads} thread(s), strategies "
+               f"{', '.join(service.strategies)}) on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks; results go to benchmarks/results/ as JSON, Markdown and a plot."""

@@ -347,10 +347,14 @@ class Pipeline:
         return min(total, self.max_lists) if self.max_lists else total
 
     @torch.inference_mode()
-    def propose(self, batch: Batch, list_length: int | torch.Tensor) -> Proposals:
-        """Every generator's lists, in generator order, capped at ``max_lists``."""
+    def propose(self, batch: Batch, list_length: int | torch.Tensor,
+                max_lists: int | None = None) -> Proposals:
+        """Every generator's lists, in generator order, capped at ``max_lists`` (default: the
+        configured cap)."""
+        if max_lists is not None and max_lists < 1:
+            raise ValueError(f"pipeline: max_lists must be >= 1, got {max_lists}")
         lengths, width = list_lengths(batch, list_length)
-        budget = self.total_lists
+        budget = self.total_lists if max_lists is None else min(self.total_lists, max_lists)
         parts, source = [], []
         for g, gen in enumerate(self.generators):
             count = min(gen.count, budget - len(source))
@@ -363,11 +367,13 @@ class Pipeline:
         return Proposals(lists, dedupe_lists(lists), source)
 
     @torch.inference_mode()
-    def rerank(self, batch: Batch, list_length: int | torch.Tensor) -> Reranked:
-        """Propose, score with the evaluator, serve the best list of each request."""
+    def rerank(self, batch: Batch, list_length: int | torch.Tensor,
+               max_lists: int | None = None) -> Reranked:
+        """Propose (at most ``max_lists``), score with the evaluator, serve the best list of
+        each request."""
         if self.evaluator is None:
             raise ValueError("pipeline: no evaluator configured to choose among the lists")
-        proposals = self.propose(batch, list_length)
+        proposals = self.propose(batch, list_length, max_lists)
         scores = self.evaluator.score_lists(batch, proposals.lists, proposals.valid)
         scores = scores.masked_fill(~proposals.valid, float("-inf"))
         best, chosen = scores.max(1)

@@ -39,6 +39,9 @@ class Batch:
     exposed: torch.Tensor  # [B, M] long: candidate index shown at each position
     position_mask: torch.Tensor  # [B, M] bool
     labels: dict[str, torch.Tensor]  # signal -> [B, M] float; only signals the source has
+    #: [B, N, d]: precomputed request-independent item embeddings (serving's item cache), used
+    #: instead of item_cat / item_dense when set. Only for the model that produced them.
+    item_static: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -50,6 +53,8 @@ class Batch:
             value = getattr(self, f.name)
             if isinstance(value, dict):
                 moved[f.name] = {k: v.to(device) for k, v in value.items()}
+            elif value is None:
+                moved[f.name] = None
             else:
                 moved[f.name] = value.to(device)
         return Batch(**moved)

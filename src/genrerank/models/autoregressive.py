@@ -196,20 +196,35 @@ class Autoregressive(RerankModel):
             token = self.item_in(state.memory[torch.arange(rows), previous])
         new = (token + self.positions[t]).unsqueeze(1)  # [R, 1, d]
         state.inputs = torch.cat([state.inputs, new], dim=1)
-        if state.cache is not None:
-            h, grown = new, []
-            for i, layer in enumerate(self.layers):
-                past = state.cache[i] if state.cache else None
-                h, kv = layer.step(h, past, state.memory_kv[i], state.memory_mask)
-                grown.append(kv)
-            state.cache = grown
-        else:  # recompute every position written so far, keep the last
-            h = state.inputs
-            for i, layer in enumerate(self.layers):
-                h = layer(h, state.memory_kv[i], state.memory_mask)
-            h = h[:, -1:]
-        logits = self._pointer_logits(h, state.pointer_keys).squeeze(-1)
         blocked = state.chosen | ~state.candidate_mask
+        if state.cache is not None:
+            log_probs, state.cache = self.cached_step(
+                new, state.cache or None, state.memory_kv, state.memory_mask,
+                state.pointer_keys, blocked)
+            return log_probs
+        # Recompute every position written so far, keep the last.
+        h = state.inputs
+        for i, layer in enumerate(self.layers):
+            h = layer(h, state.memory_kv[i], state.memory_mask)
+        return self._masked_log_probs(self._pointer_logits(h[:, -1:], state.pointer_keys),
+                                      blocked)
+
+    def cached_step(
+        self, new: torch.Tensor, cache: list[KV] | None, memory_kv: list[KV],
+        memory_mask: torch.Tensor, pointer_keys: torch.Tensor, blocked: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """One decoder position ``new [R, 1, d]`` against the per-layer KV ``cache`` (None at
+        the first position): pointer log-probabilities ``[R, N]`` (``blocked`` candidates
+        excluded) and the grown cache. The ONNX step graph exports exactly this."""
+        h, grown = new, []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer.step(h, None if cache is None else cache[i], memory_kv[i], memory_mask)
+            grown.append(kv)
+        return self._masked_log_probs(self._pointer_logits(h, pointer_keys), blocked), grown
+
+    @staticmethod
+    def _masked_log_probs(logits: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        logits = logits.squeeze(-1)
         # A row with nothing left (list already as long as its candidates) gets a dummy
         # distribution; those slots are cut by the length mask afterwards.
         empty = blocked.all(1, keepdim=True)

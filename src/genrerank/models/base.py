@@ -54,6 +54,23 @@ class RerankModel(nn.Module):
     def forward(self, batch: Batch) -> Any:  # -> ModelOutput
         raise NotImplementedError
 
+    def item_embedding(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+        """The request-independent item vectors ``[..., d]`` this model puts in
+        ``Batch.item_static``: what serving computes once per item and caches."""
+        features = getattr(self, "features", None)
+        if features is None:
+            raise ValueError(f"model {self.name!r} reads no item features; nothing to embed")
+        return features.item_static(item_cat, item_dense)
+
+    def input_limits(self) -> tuple[int | None, int | None]:
+        """The most candidates and the longest list this model accepts (None: no limit):
+        learned position tables cannot be indexed past their size."""
+        positions = getattr(self, "max_positions", None)
+        bias = getattr(self, "position_bias", None)
+        if positions is None and isinstance(bias, torch.Tensor):
+            positions = bias.numel()
+        return None, positions
+
     @torch.inference_mode()
     def generate(
         self, batch: Batch, list_length: int | torch.Tensor, decoder: str = "greedy",

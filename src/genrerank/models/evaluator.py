@@ -78,8 +78,11 @@ def compact_lists(lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     compacted slot k came from input slot ``order[..., k]``.
     """
     filled = lists >= 0
-    # A stable sort on "is empty" keeps the filled items in display order.
-    order = torch.sort((~filled).to(torch.int8), dim=-1, stable=True).indices
+    # Sort on (is empty, slot): filled items first, in display order. The keys are distinct, so
+    # a plain sort does it (a stable sort has no ONNX export).
+    m = lists.shape[-1]
+    key = (~filled).long() * m + torch.arange(m, device=lists.device)
+    order = torch.argsort(key, dim=-1)
     return lists.gather(-1, order).clamp_min(0), filled.gather(-1, order), order
 
 
@@ -132,18 +135,37 @@ class ListEvaluator(RerankModel):
         Raw dense features differ in scale by two orders of magnitude (a history CTR has a
         standard deviation of about 0.03, a log follower count about 4), and the shared feature
         embedding projects them as they are, so small-scale features were all but ignored.
+        With ``batch.item_static`` set (serving), the item features are already standardized
+        inside it (:meth:`item_embedding`) and only the upstream score is left to do.
         """
         if self.item_norm is None:
             return batch
+        user = batch.user_dense
+        if self.user_norm is not None:
+            user = self._norm(self.user_norm, user)
+        if batch.item_static is not None:
+            if self.training:
+                raise ValueError("evaluator: precomputed item embeddings are for inference only")
+            upstream = self._running(batch.upstream_score, -1)
+            return dataclasses.replace(batch, upstream_score=upstream, user_dense=user)
         mask = batch.candidate_mask
         dense = torch.cat([batch.item_dense, batch.upstream_score.unsqueeze(-1)], dim=-1)
         normed = torch.zeros_like(dense)
         normed[mask] = self._norm(self.item_norm, dense[mask])
-        user = batch.user_dense
-        if self.user_norm is not None:
-            user = self._norm(self.user_norm, user)
         return dataclasses.replace(batch, item_dense=normed[..., :-1],
                                    upstream_score=normed[..., -1], user_dense=user)
+
+    def _running(self, x: torch.Tensor, columns: slice | int) -> torch.Tensor:
+        """``x`` standardized with the running statistics of the item ``columns``."""
+        norm = self.item_norm
+        assert norm is not None
+        mean, var = norm.running_mean[columns], norm.running_var[columns]
+        return (x - mean) / torch.sqrt(var + norm.eps)
+
+    def item_embedding(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+        if self.item_norm is not None:
+            item_dense = self._running(item_dense, slice(0, item_dense.shape[-1]))
+        return self.features.item_static(item_cat, item_dense)
 
     def _tokens(self, batch: Batch) -> torch.Tensor:
         """Candidate tokens ``[B, N, d]`` of the standardized batch."""

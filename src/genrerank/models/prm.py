@@ -48,6 +48,9 @@ class PRM(RerankModel):
         max_positions = config.max_positions or max(spec.max_list_length, 1)
         self.position_bias = nn.Parameter(torch.zeros(max_positions))
 
+    def input_limits(self) -> tuple[int | None, int | None]:
+        return self.input_rank.num_embeddings, self.position_bias.numel()
+
     def forward(self, batch: Batch, list_length: int | None = None) -> ModelOutput:
         m = list_length or batch.position_mask.shape[1]
         tokens, _ = self.features(batch)

@@ -86,7 +86,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished ``tmp`` folder to ``target``, replacing any folder there."""
     # rename(2) cannot replace a non-empty folder, so the old one steps aside first; should
     # the second rename fail, the old one is moved back (and _recover covers a hard crash).
@@ -234,7 +234,7 @@ def save_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
         for name in [*files, META_FILE]:
             _fsync_file(tmp / name)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

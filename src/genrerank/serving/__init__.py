@@ -1,0 +1,1 @@
+"""Production serving: ONNX export, item-embedding cache, runtime and the HTTP service."""

@@ -1,0 +1,195 @@
+"""An exported model (:mod:`genrerank.serving.export`) run by ONNX Runtime on the CPU.
+
+Sessions use ``intra_op_threads`` threads for one operator, one inter-op thread (these graphs
+are chains; parallel branches are rare), and no spinning: spinning worker threads busy-wait
+between operators and, on a 2-core machine shared with the HTTP server, fight the server for
+the cores (the tail latency of a prototype jumped from ~1 ms to 11 ms with spinning on).
+
+Lists are decoded the same way as in PyTorch: matrix models' log-probabilities go through the
+run's decoder from :mod:`genrerank.decoding`; the autoregressive model is decoded step by step
+with its KV cache living in ONNX Runtime tensors (greedy or beam search).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genrerank.data.schema import FeatureSpec
+from genrerank.serving.export import load_manifest
+
+__all__ = ["OnnxModel", "session_options"]
+
+
+def session_options(intra_op_threads: int = 1, spinning: bool = False) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, intra_op_threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxModel:
+    """The graphs of one export folder. ``int8=True`` loads the quantized graphs."""
+
+    def __init__(self, onnx_dir: str | Path, intra_op_threads: int = 1, int8: bool = False,
+                 spinning: bool = False, manifest: dict[str, Any] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.dir = Path(onnx_dir)
+        self.manifest = manifest if manifest is not None else load_manifest(onnx_dir)
+        self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
+        self.kind: str = self.manifest["kind"]
+        self.stepwise: bool = self.manifest["stepwise"]
+        self.name: str = self.manifest["model_name"]
+        files = {g: info["file"] for g, info in self.manifest["graphs"].items()}
+        if int8:
+            if "int8_graphs" not in self.manifest:
+                raise ValueError(f"{onnx_dir}: exported without int8 graphs; re-export with "
+                                 "--quantize")
+            files = dict(self.manifest["int8_graphs"])
+        self.int8 = int8
+        self.version = self.manifest["model_version"] + ("-int8" if int8 else "")
+        options = session_options(intra_op_threads, spinning)
+        self.sessions = {
+            g: ort.InferenceSession(str(self.dir / f), options,
+                                    providers=["CPUExecutionProvider"])
+            for g, f in files.items()
+        }
+        if self.stepwise:
+            self.n_layers = sum(1 for n in self.manifest["graphs"]["step"]["inputs"]
+                                if n.startswith("past_key_"))
+
+    # ------------------------------------------------------------------ graphs
+
+    def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray) -> np.ndarray:
+        """``[R, d]`` float32 item vectors of ``R`` items."""
+        return self.sessions["item_tower"].run(None, {
+            "item_cat": np.ascontiguousarray(item_cat, dtype=np.int64),
+            "item_dense": np.ascontiguousarray(item_dense, dtype=np.float32),
+        })[0]
+
+    @staticmethod
+    def request_feeds(user_cat: np.ndarray, user_dense: np.ndarray, item_static: np.ndarray,
+                      upstream_score: np.ndarray, candidate_mask: np.ndarray
+                      ) -> dict[str, np.ndarray]:
+        return {
+            "user_cat": np.ascontiguousarray(user_cat, dtype=np.int64),
+            "user_dense": np.ascontiguousarray(user_dense, dtype=np.float32),
+            "item_static": np.ascontiguousarray(item_static, dtype=np.float32),
+            "upstream_score": np.ascontiguousarray(upstream_score, dtype=np.float32),
+            "candidate_mask": np.ascontiguousarray(candidate_mask, dtype=np.bool_),
+        }
+
+    def matrix(self, feeds: dict[str, np.ndarray], m: int) -> list[np.ndarray]:
+        """``log_probs, click_logits, item_repr`` of a matrix model for lists of length m."""
+        b = feeds["upstream_score"].shape[0]
+        return self.sessions["model"].run(
+            None, {**feeds, "position_mask": np.ones((b, m), dtype=np.bool_)})
+
+    def score_lists(self, feeds: dict[str, np.ndarray], lists: np.ndarray) -> np.ndarray:
+        """The evaluator's scores ``[B, K]`` of ``lists [B, K, m]`` (-1 = empty slot)."""
+        return self.sessions["model"].run(
+            None, {**feeds, "lists": np.ascontiguousarray(lists, dtype=np.int64)})[0]
+
+    # ------------------------------------------------------------------ autoregressive
+
+    def _start(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray,
+                                                             list[np.ndarray]]:
+        out = self.sessions["encoder"].run(None, feeds)
+        k = 2 * self.n_layers
+        state = {"memory": out[0], "pointer_keys": out[1],
+                 "candidate_mask": feeds["candidate_mask"]}
+        for i in range(self.n_layers):
+            state[f"memory_key_{i}"], state[f"memory_value_{i}"] = out[3 + 2 * i], out[4 + 2 * i]
+        return state, out[2], list(out[3 + k:])
+
+    def _step(self, state: dict[str, np.ndarray], cache: list[np.ndarray], previous: np.ndarray,
+              position: int, chosen: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = dict(state)
+        feeds["previous"] = previous.astype(np.int64)
+        feeds["position"] = np.array([position], dtype=np.int64)
+        feeds["chosen"] = chosen
+        for i in range(self.n_layers):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+        out = self.sessions["step"].run(None, feeds)
+        return out[0], list(out[1:])
+
+    def greedy(self, feeds: dict[str, np.ndarray], m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy lists ``[B, m]`` (-1 past a request's candidates) and the log-probability of
+        each choice ``[B, m]``."""
+        state, log_probs, cache = self._start(feeds)
+        mask = feeds["candidate_mask"]
+        b = mask.shape[0]
+        rows = np.arange(b)
+        lengths = np.minimum(mask.sum(1), m)
+        lists = np.full((b, m), -1, dtype=np.int64)
+        picked_lp = np.zeros((b, m), dtype=np.float32)
+        chosen = np.zeros_like(mask)
+        for t in range(m):
+            if t:
+                log_probs, cache = self._step(state, cache, lists[:, t - 1].clip(0), t, chosen)
+            pick = log_probs.argmax(1)
+            lists[:, t] = pick
+            picked_lp[:, t] = log_probs[rows, pick]
+            chosen[rows, pick] = True
+        beyond = np.arange(m)[None, :] >= lengths[:, None]
+        lists[beyond] = -1
+        picked_lp[beyond] = 0.0
+        return lists, picked_lp
+
+    def beam(self, feeds: dict[str, np.ndarray], m: int, beam_width: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Beam search, the same algorithm as ``Autoregressive._beam``: the best list per
+        request ``[B, m]`` and the log-probability of each of its choices."""
+        b = feeds["candidate_mask"].shape[0]
+        w = beam_width
+        rep = np.repeat(np.arange(b), w)
+        state, log_probs, cache = self._start(feeds)
+        state = {k: v[rep] for k, v in state.items()}
+        cache = [c[rep] for c in cache]
+        log_probs = log_probs[rep]
+        lengths = np.minimum(feeds["candidate_mask"].sum(1), m)
+        row_lengths = np.repeat(lengths, w)
+        scores = np.full((b, w), -np.inf, dtype=np.float32)
+        scores[:, 0] = 0.0
+        lists = np.full((b, w, m), -1, dtype=np.int64)
+        step_lp = np.zeros((b, w, m), dtype=np.float32)
+        chosen = np.zeros((b * w, state["memory"].shape[1]), dtype=np.bool_)
+        for t in range(m):
+            if t:
+                log_probs, cache = self._step(state, cache, lists[:, :, t - 1].reshape(-1),
+                                              t, chosen)
+            n = log_probs.shape[1]
+            done = (t >= row_lengths)[:, None]
+            frozen = np.full_like(log_probs, -np.inf)
+            frozen[:, 0] = 0.0
+            lp = np.where(done, frozen, log_probs)
+            total = (scores.reshape(-1, 1) + lp).reshape(b, w * n)
+            # Stable top-w (ties keep the lower flat index, like torch.topk on CPU in practice).
+            flat = np.argsort(-total, axis=1, kind="stable")[:, :w]
+            scores = np.take_along_axis(total, flat, 1)
+            parent, item = flat // n, flat % n
+            lists = np.take_along_axis(lists, parent[:, :, None], 1).copy()
+            step_lp = np.take_along_axis(step_lp, parent[:, :, None], 1).copy()
+            lists[:, :, t] = item
+            step_lp[:, :, t] = np.take_along_axis(lp.reshape(b, w, n)[np.arange(b)[:, None],
+                                                                      parent], item[:, :, None],
+                                                  2)[..., 0]
+            rows = (parent + np.arange(b)[:, None] * w).reshape(-1)
+            state = {k: v[rows] for k, v in state.items()}
+            cache = [c[rows] for c in cache]
+            chosen = chosen[rows]
+            chosen[np.arange(b * w), item.reshape(-1)] = True
+        best, best_lp = lists[:, 0], step_lp[:, 0]
+        beyond = np.arange(m)[None, :] >= lengths[:, None]
+        best[beyond] = -1
+        best_lp[beyond] = 0.0
+        return best, best_lp

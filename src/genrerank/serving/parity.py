@@ -1,0 +1,136 @@
+"""Parity of an ONNX export with its PyTorch model: same numbers (<= 1e-4), same lists.
+
+Run by :func:`genrerank.serving.export.export_run` before an export folder is published, and by
+the tests. The request set is fixed and synthetic (drawn from the feature spec with a seed):
+ragged sizes with padding, so masks are exercised, and a dynamic batch, n and m different from
+the ones the graphs were traced with.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genrerank.decoding import DecodedLists, decode
+from genrerank.models.base import RerankModel
+from genrerank.serving.export import (
+    PARITY_TOLERANCE,
+    _finite_max_diff,
+    make_batch,
+    synthetic_requests,
+)
+from genrerank.serving.onnx_model import OnnxModel
+
+#: Candidates per request of the parity set (one padded batch).
+PARITY_SIZES = [60, 45, 20, 9, 4]
+
+
+def _decode_params(decode_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    cfg = dict(decode_cfg)
+    name = cfg.pop("name", "greedy")
+    return name, cfg
+
+
+def _lists(out: torch.Tensor | DecodedLists) -> np.ndarray:
+    lists = out.lists[:, 0] if isinstance(out, DecodedLists) else out
+    return lists.numpy()
+
+
+def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, Any],
+                 sizes: list[int] | None = None, seed: int = 1, int8: bool = False
+                 ) -> dict[str, Any]:
+    """Compare every graph in ``onnx_dir`` with ``model``; returns a report with
+    ``max_abs_diff`` per output, ``lists_identical`` and ``passed`` (float graphs only)."""
+    model.eval()
+    onnx = OnnxModel(onnx_dir, manifest=manifest, int8=int8)
+    m = max(1, min(int(manifest.get("max_positions") or 6), 6))
+    req = synthetic_requests(model.spec, sizes or PARITY_SIZES, m, seed=seed)
+    diffs: dict[str, float] = {}
+    with torch.inference_mode():
+        static = model.item_embedding(req["item_cat"], req["item_dense"])
+    mask = req["candidate_mask"]
+    onnx_static = onnx.item_embedding(req["item_cat"][mask].numpy(),
+                                      req["item_dense"][mask].numpy())
+    diffs["item_static"] = _finite_max_diff(onnx_static, static[mask].numpy())
+    feeds = OnnxModel.request_feeds(req["user_cat"].numpy(), req["user_dense"].numpy(),
+                                    static.numpy(), req["upstream_score"].numpy(), mask.numpy())
+    batch = make_batch(req["user_cat"], req["user_dense"], static, req["upstream_score"], mask,
+                       req["position_mask"])
+    lists_identical = True
+    with torch.inference_mode():
+        if model.kind == "evaluator":
+            g = torch.Generator().manual_seed(seed)
+            b, n = mask.shape
+            k = 8
+            lists = torch.stack([torch.stack([torch.randperm(int(s), generator=g)[:m]
+                                              if int(s) >= m else
+                                              torch.cat([torch.randperm(int(s), generator=g),
+                                                         torch.full((m - int(s),), -1)])
+                                              for _ in range(k)]) for s in mask.sum(1)])
+            ref = model.score_lists(batch, lists)
+            got = onnx.score_lists(feeds, lists.numpy())
+            diffs["scores"] = _finite_max_diff(got, ref.numpy())
+            lists_identical = bool((got.argmax(1) == ref.numpy().argmax(1)).all())
+        elif model.stepwise:
+            ref_lists = model.generate(batch, m, "greedy")
+            got_lists, got_lp = onnx.greedy(feeds, m)
+            lists_identical = bool(np.array_equal(got_lists, ref_lists.numpy()))
+            # Log-probabilities of the same choices under teacher forcing in PyTorch.
+            forced = make_batch(req["user_cat"], req["user_dense"], static,
+                                req["upstream_score"], mask, ref_lists >= 0)
+            forced.exposed = ref_lists.clamp_min(0)
+            lp = model(forced).log_probs
+            ref_lp = lp.gather(1, forced.exposed.unsqueeze(1)).squeeze(1)
+            ref_lp = torch.where(ref_lists >= 0, ref_lp, 0.0)
+            diffs["step_log_probs"] = _finite_max_diff(got_lp, ref_lp.numpy())
+            name, params = _decode_params(manifest.get("decode") or {})
+            if name == "beam":
+                width = int(params.get("beam_width", 4))
+                ref_beam = _lists(model.generate(batch, m, "beam", beam_width=width, k=1))
+                got_beam, _ = onnx.beam(feeds, m, width)
+                lists_identical = lists_identical and bool(np.array_equal(got_beam, ref_beam))
+        else:
+            out = model(batch)
+            got = onnx.matrix(feeds, m)
+            names = ["log_probs", "click_logits", "item_repr"]
+            refs = [out.log_probs, out.click_logits, out.item_repr]
+            for name, g_out, r in zip(names, got, refs, strict=True):
+                if name == "click_logits":
+                    r = r.masked_fill(~mask.unsqueeze(-1), 0.0)
+                    g_out = np.where(mask.numpy()[..., None], g_out, 0.0)
+                diffs[name] = _finite_max_diff(g_out, r.numpy())
+            name, params = _decode_params(manifest.get("decode") or {})
+            if name == "contrastive":
+                params["item_repr"] = out.item_repr
+            ref_lists = _lists(decode(name, out.log_probs, mask, m, **params))
+            if name == "contrastive":
+                params["item_repr"] = torch.from_numpy(got[2])
+            got_lists = _lists(decode(name, torch.from_numpy(got[0]), mask, m, **params))
+            lists_identical = bool(np.array_equal(got_lists, ref_lists))
+        # The cached item embeddings must not change what the model computes from raw features.
+        raw = make_batch(req["user_cat"], req["user_dense"], static, req["upstream_score"], mask,
+                         req["position_mask"])
+        raw.item_static = None
+        raw.item_cat, raw.item_dense = req["item_cat"], req["item_dense"]
+        if model.kind != "evaluator" and not model.stepwise:
+            diffs["raw_vs_cached_log_probs"] = _finite_max_diff(
+                model(raw).log_probs.numpy(), model(batch).log_probs.numpy())
+    worst = max(diffs.values()) if diffs else 0.0
+    failures = [f"{k}: {v:.3g}" for k, v in diffs.items() if not v <= PARITY_TOLERANCE]
+    if not lists_identical:
+        failures.append("decoded lists differ")
+    return {
+        "sizes": sizes or PARITY_SIZES,
+        "list_length": m,
+        "tolerance": PARITY_TOLERANCE,
+        "max_abs_diff": {k: (v if math.isfinite(v) else "inf") for k, v in diffs.items()},
+        "worst": worst if math.isfinite(worst) else "inf",
+        "lists_identical": lists_identical,
+        "int8": int8,
+        "passed": not failures,
+        "failures": failures,
+    }

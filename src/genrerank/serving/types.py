@@ -1,0 +1,67 @@
+"""What passes between the HTTP layer and the re-ranking runtime.
+
+The HTTP layer (:mod:`genrerank.serving.app`) validates a JSON request against the model's
+:class:`~genrerank.data.schema.FeatureSpec` and hands the runtime a :class:`RerankInput` of
+numpy arrays in the spec's feature order; the runtime (:mod:`genrerank.serving.runtime`)
+answers with a :class:`RerankResult`. Anything implementing :class:`RerankService` can sit
+behind the app (the tests use small fakes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from genrerank.data.schema import FeatureSpec
+
+
+@dataclass
+class RerankInput:
+    """One validated request. ``n`` = number of candidates; features follow the spec's order."""
+
+    item_ids: list[str]  # [n], unique
+    user_cat: np.ndarray  # [len(spec.user_categorical)] int64, 0 = unknown
+    user_dense: np.ndarray  # [len(spec.user_dense)] float32, finite
+    item_cat: np.ndarray  # [n, len(spec.item_categorical)] int64, each in [0, vocab_size)
+    item_dense: np.ndarray  # [n, len(spec.item_dense)] float32, finite
+    upstream_score: np.ndarray  # [n] float32, finite
+    category: np.ndarray  # [n] int64 (0 when the client sends none): diversity generators
+    creator: np.ndarray  # [n] int64 (0 when the client sends none)
+    m: int  # list length to serve, 1 <= m <= n
+    strategy: str  # one of RerankService.strategies
+    k: int | None = None  # lists to propose (pipeline strategy); None = its configured K
+    request_id: str | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass
+class RerankResult:
+    item_ids: list[str]  # [m] in display order
+    scores: list[float]  # [m]: the model's probability of each served item at its position
+    strategy: str
+    model_version: str
+    list_score: float | None = None  # pipeline: the evaluator's score of the served list
+    timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class RerankService(Protocol):
+    """The runtime behind the HTTP app."""
+
+    spec: FeatureSpec
+    model_version: str
+    strategies: tuple[str, ...]  # accepted values of RerankInput.strategy; the first is default
+    max_candidates: int  # requests with more candidates are rejected (422)
+    max_list_length: int  # the longest list the model can write (m above it: 422)
+
+    def rerank(self, request: RerankInput) -> RerankResult: ...
+
+    def cache_stats(self) -> dict[str, float]:
+        """``hits``, ``misses``, ``size``, ``capacity``, ``hit_rate`` (0 when unused)."""
+        ...

@@ -1,0 +1,46 @@
+"""Small untrained runs for the serving tests: parity and serving do not need a trained model,
+only a checkpoint folder the library can load (weights are seeded, so tests are repeatable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genrerank.data.schema import FeatureSpec
+from genrerank.models.base import build_model
+from genrerank.training.checkpoint import save_checkpoint
+
+#: Small but complete configurations: every layer type is present.
+SMALL_CONFIGS: dict[str, dict[str, Any]] = {
+    "nar4rec": {"dim": 16, "heads": 2, "encoder_layers": 1, "decoder_layers": 1},
+    "pointwise": {"dim": 16, "hidden": 16},
+    "prm": {"dim": 16, "heads": 2, "layers": 1},
+    "evaluator": {"dim": 16, "heads": 2, "layers": 1},
+    "autoregressive": {"dim": 16, "n_heads": 4, "n_kv_heads": 2, "encoder_layers": 1,
+                       "decoder_layers": 2},
+}
+
+DECODERS: dict[str, dict[str, Any]] = {
+    "nar4rec": {"name": "contrastive", "alpha": 0.05},
+    "autoregressive": {"name": "beam", "beam_width": 3, "k": 1},
+}
+
+
+def make_run(run_dir: Path, model_name: str, spec: FeatureSpec, seed: int = 0) -> Path:
+    """A run folder (best/ checkpoint + run_config.json) of a seeded, untrained model."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, spec, SMALL_CONFIGS[model_name])
+    if model_name == "evaluator":  # non-trivial running statistics, as after training
+        for norm in (model.item_norm, model.user_norm):
+            if norm is not None:
+                norm.running_mean.uniform_(-1.0, 1.0)
+                norm.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    save_checkpoint(run_dir / "best", model, {"epoch": 0, "step": 0})
+    decode = DECODERS.get(model_name, {"name": "greedy"})
+    (run_dir / "run_config.json").write_text(json.dumps({
+        "model": {"name": model_name, **SMALL_CONFIGS[model_name]}, "decode": decode}))
+    return run_dir
