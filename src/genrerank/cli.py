@@ -279,6 +279,64 @@ def bench_latency(quick: bool, runs: int | None, threads: int, cell_budget: floa
     run_latency_benchmark(quick=quick, out_dir=out_dir, settings=settings)
 
 
+@bench.command("serving")
+@click.option("--quick", is_flag=True, help="Fewer rates, shorter steps and runs: a smoke check.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep (and reuse) simulated data, runs and exports here [default: temporary].")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Model intra-op threads [default: 1 in-process, 2 for the server].")
+@click.option("--rates", default=None, help="Comma-separated offered requests/s, rising.")
+@click.option("--presets", default=None, help="Comma-separated subset of kuaishou,large.")
+@click.option("--skip-load", is_flag=True, help="Only the in-process model-time part.")
+@click.option("--skip-model-time", is_flag=True, help="Only the HTTP load part.")
+@_user_errors
+def bench_serving(quick: bool, out_dir: Path, work_dir: Path | None, threads: int | None,
+                  rates: str | None, presets: str | None, skip_load: bool,
+                  skip_model_time: bool) -> None:
+    """ONNX Runtime vs PyTorch model time, int8, item cache; then HTTP load at rising rates."""
+    import dataclasses
+    import tempfile
+
+    from genrerank.bench.inference import (
+        InferenceSettings,
+        inference_markdown,
+        run_inference_benchmark,
+    )
+    from genrerank.bench.latency import _json_safe
+    from genrerank.bench.serving import ServingSettings, run_serving_benchmark
+    from genrerank.utils.io import atomic_write_json, atomic_write_text
+
+    chosen = None if presets is None else tuple(p.strip() for p in presets.split(",") if p)
+    if not skip_model_time:
+        settings = InferenceSettings.quick() if quick else InferenceSettings()
+        if threads is not None:
+            settings = dataclasses.replace(settings, threads=threads)
+        if chosen:
+            settings = dataclasses.replace(settings, presets=chosen)
+        with tempfile.TemporaryDirectory(prefix="genrerank-inference-") as tmp:
+            work = (work_dir / "inference") if work_dir else Path(tmp)
+            result = _json_safe(run_inference_benchmark(settings, work))
+        stem = "serving_model_quick" if quick else "serving_model"
+        atomic_write_json(out_dir / f"{stem}.json", result)
+        atomic_write_text(out_dir / f"{stem}.md", inference_markdown(result))
+        click.echo(inference_markdown(result))
+        click.echo(f"wrote {out_dir / stem}.json and .md")
+    if not skip_load:
+        load = ServingSettings.quick() if quick else ServingSettings.full()
+        changes: dict[str, Any] = {}
+        if threads is not None:
+            changes["threads"] = threads
+        if chosen:
+            changes["presets"] = chosen
+        if rates:
+            changes["rates"] = tuple(float(r) for r in rates.split(",") if r.strip())
+        if work_dir is not None:
+            changes["work_dir"] = str(work_dir / "load")
+        run_serving_benchmark(dataclasses.replace(load, **changes), out_dir)
+
+
 @main.command()
 @click.option("--preset", default="kuaishou", show_default=True)
 @click.option(

@@ -350,6 +350,8 @@ def test_type_aware_values():
     assert parse_value("3") == 3 and parse_value("0.5") == 0.5
     assert parse_value("yes", False) is True and parse_value("true") is True
     assert parse_value("007", "x") == "007"  # a string option keeps the text as is
+    assert parse_value("0.05", "auto") == 0.05  # decode.alpha: "auto" or a number
+    assert parse_value("beam", "greedy") == "beam" and parse_value("true", "x") == "true"
     assert parse_value("[1, 2]") == [1, 2] and parse_value("hello") == "hello"
     with pytest.raises(ValueError, match="integer"):
         parse_value("abc", 3)

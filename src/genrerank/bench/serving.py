@@ -335,13 +335,13 @@ async def open_loop(
     tally = _Tally(scheduled=total)
     stop = asyncio.Event()
 
-    async def sample_loop() -> None:
+    async def sample_loop(sample: Callable[[], None]) -> None:
         while not stop.is_set():
-            sampler()  # type: ignore[misc]
+            sample()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), sample_s)
 
-    sampling = asyncio.create_task(sample_loop()) if sampler is not None else None
+    sampling = asyncio.create_task(sample_loop(sampler)) if sampler is not None else None
     cpu0 = os.times()
     # A short lead lets every worker open its connection before the first request is due.
     t0 = time.perf_counter() + 0.05
@@ -893,8 +893,7 @@ def run_serving_benchmark(
     t_start = time.perf_counter()
     load_start = _load()
     own_work = settings.work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="genrerank-serving-")) if own_work else Path(
-        settings.work_dir)  # type: ignore[arg-type]
+    work = Path(settings.work_dir or tempfile.mkdtemp(prefix="genrerank-serving-"))
     say(f"serving benchmark ({'quick' if settings.is_quick else 'full'}), work folder {work}")
     configs: list[dict[str, Any]] = []
     inputs: dict[str, Any] = {}
@@ -983,6 +982,7 @@ def steps_table(result: Mapping[str, Any]) -> str:
                 "server model ms": _ms(s.get("server_timings_ms", {}).get("model")),
                 "peak server RSS MiB": _num(srv["peak_rss_mib"]),
                 "server CPU %": _num(srv["cpu_percent"], 0),
+                "other CPU": _num(s.get("other_processes_cores"), 2),
             })
     return markdown_table(rows)
 
@@ -1020,13 +1020,24 @@ def serving_markdown(result: Mapping[str, Any]) -> str:
         "answers and connection errors. Peak server RSS = the kernel's VmHWM of the server "
         "process, reset at the start of each step where possible, or the highest sampled "
         "RSS; server CPU 100 % = one core; server model ms = the mean `timings_ms.model` "
-        "the server reports (the model call alone, without HTTP, parsing and queueing).",
+        "the server reports (the model call alone, without HTTP, parsing and queueing); "
+        "other CPU = cores used by other processes during the step (0 = a quiet machine; "
+        "the load generator and the server share it).",
         "",
         "## Steps",
         "",
         steps_table(result) or "(no step ran)",
         "",
     ]
+    busy = [f"{c['backend']} n = {c['n']} at {st['offered_rps']:g}/s "
+            f"({st['other_processes_cores']:.1f})"
+            for c in result["configs"] for st in c["steps"]
+            if (st.get("other_processes_cores") or 0.0) > s["busy_cores"]]
+    if busy:
+        lines += ["**Warning**: other processes used more than "
+                  f"{s['busy_cores']:g} cores (in brackets) during " + ", ".join(busy)
+                  + "; those steps competed with them for the CPU, so their latencies are "
+                  "inflated.", ""]
     notes = []
     for c in result["configs"]:
         name = f"{c['backend']}, n = {c['n']}"

@@ -42,6 +42,11 @@ DEFAULT_MAX_CANDIDATES = 500
 DEFAULT_CACHE_SIZE = 100_000
 
 
+def _t(x: np.ndarray) -> torch.Tensor:
+    # Arrays sliced from Arrow are read-only; torch wants writable memory (copies only then).
+    return torch.from_numpy(np.require(x, requirements="W"))
+
+
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
@@ -78,8 +83,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray) -> np.ndarray:
-        return self.model.item_embedding(torch.from_numpy(item_cat),
-                                         torch.from_numpy(item_dense)).numpy()
+        return self.model.item_embedding(_t(item_cat), _t(item_dense)).numpy()
 
     @torch.inference_mode()
     def write_list(self, inp: RerankInput, static: np.ndarray, timings: dict[str, float]
@@ -89,9 +93,8 @@ class TorchBackend:
 
         start = time.perf_counter()
         mask = torch.ones(1, inp.n, dtype=torch.bool)
-        batch = make_batch(torch.from_numpy(inp.user_cat)[None],
-                           torch.from_numpy(inp.user_dense)[None], torch.from_numpy(static)[None],
-                           torch.from_numpy(inp.upstream_score)[None], mask,
+        batch = make_batch(_t(inp.user_cat)[None], _t(inp.user_dense)[None], _t(static)[None],
+                           _t(inp.upstream_score)[None], mask,
                            torch.ones(1, inp.m, dtype=torch.bool))
         model = self.model
         if model.stepwise:
@@ -262,7 +265,7 @@ class Reranker:
 
 def raw_batch(inp: RerankInput) -> Batch:
     """A one-request Batch with raw features (what the pipeline's models read)."""
-    t = torch.from_numpy
+    t = _t
     n = inp.n
     mask = torch.ones(1, n, dtype=torch.bool)
     return Batch(

@@ -272,7 +272,8 @@ def parse_value(raw: str, current: Any = _MISSING, item: str = "") -> Any:
 
     With no current value (or None): JSON (numbers, true/false, null, lists, objects, quoted
     strings) and otherwise the raw string. A current bool accepts true/false/yes/no/1/0, an int
-    an integer, a float any number, a str the raw text unchanged, a list/dict JSON.
+    an integer, a float any number, a str the raw text unchanged (or a number, for options such
+    as ``decode.alpha`` that take ``"auto"`` or a number), a list/dict JSON.
     """
     where = f"bad override {item!r}" if item else f"bad value {raw!r}"
     text = raw.strip()
@@ -311,7 +312,14 @@ def parse_value(raw: str, current: Any = _MISSING, item: str = "") -> Any:
         except ValueError:
             raise ValueError(f"{where}: expected a number") from None
     if isinstance(current, str):
-        return raw
+        # Some options take a word or a number (decode.alpha: "auto" or 0.05): a number stays
+        # a number. No string option of genrerank takes numeric text.
+        try:
+            number = json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+        return number if isinstance(number, int | float) and not isinstance(number, bool) \
+            else raw
     if isinstance(current, list | dict):
         value = _parse_json(item, text)
         if not isinstance(value, list | dict):
