@@ -397,6 +397,11 @@ def export_run(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder; choose another --out")
+    if out_dir.is_dir() and not (out_dir / MANIFEST_FILE).is_file() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not an ONNX export folder; refusing to "
+                              "replace it")
     model, meta = load_model(run_dir, "best")
     model.eval()
     spec = model.spec
@@ -441,11 +446,9 @@ def export_run(
             if not report["passed"]:
                 raise ExportError(f"ONNX export of {run_dir} failed its parity check: "
                                   f"{report['failures']}")
+            if quantize:  # recorded, not required: int8 is meant to differ a little
+                manifest["parity_int8"] = check_parity(model, tmp, manifest, int8=True)
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file() and any(
-                out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir} exists and is not an ONNX export folder; "
-                                  "refusing to replace it")
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
