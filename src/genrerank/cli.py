@@ -286,7 +286,7 @@ def bench_latency(quick: bool, runs: int | None, threads: int, cell_budget: floa
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Keep (and reuse) simulated data, runs and exports here [default: temporary].")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="Model intra-op threads [default: 1 in-process, 2 for the server].")
+              help="Model intra-op threads, in-process and in the server [default: 1].")
 @click.option("--rates", default=None, help="Comma-separated offered requests/s, rising.")
 @click.option("--presets", default=None, help="Comma-separated subset of kuaishou,large.")
 @click.option("--skip-load", is_flag=True, help="Only the in-process model-time part.")

@@ -219,7 +219,7 @@ def _int8_quality(work: Path, settings: InferenceSettings, progress: bool) -> di
     from genrerank.experiment import train_run
     from genrerank.serving.export import export_run
     from genrerank.serving.onnx_model import OnnxModel
-    from genrerank.serving.runtime import _decoder
+    from genrerank.serving.runtime import decoder_config
 
     data = work / "int8_data"
     simulate_to_dir("kuaishou", settings.int8_requests, settings.seed, data, overwrite=True,
@@ -237,7 +237,7 @@ def _int8_quality(work: Path, settings: InferenceSettings, progress: bool) -> di
     m = batch.position_mask.shape[1]
     fp32, int8 = OnnxModel(onnx_dir, settings.threads), OnnxModel(onnx_dir, settings.threads,
                                                                     int8=True)
-    dec, params = _decoder(manifest.get("decode") or {})
+    dec, params = decoder_config(manifest.get("decode") or {})
     lists, lps = {}, {}
     for key, rt in (("float32", fp32), ("int8", int8)):
         static = rt.item_embedding(batch.item_cat.reshape(-1, batch.item_cat.shape[-1]).numpy(),

@@ -105,7 +105,7 @@ class ServingSettings:
     connections: int = 8  # keep-alive connections of the load generator
     p99_cutoff_ms: float = 1000.0  # a step above this ends the ramp
     pool_size: int = 200  # distinct requests (test split), cycled
-    threads: int = 2  # the server's --threads
+    threads: int = 1  # the server's --threads (the `genrerank serve` default)
     n_requests: int = 2000  # simulated requests per preset (10 % of them form the test split)
     train_epochs: int = 1  # a short training run: the benchmark measures speed, not quality
     contrastive_alpha: float = 0.05  # fixed decoding alpha: skips the "auto" search on valid

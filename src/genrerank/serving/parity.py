@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genrerank.decoding import DecodedLists, decode
+from genrerank.decoding import decode
 from genrerank.models.base import RerankModel
 from genrerank.serving.export import (
     PARITY_TOLERANCE,
@@ -24,20 +24,10 @@ from genrerank.serving.export import (
     synthetic_requests,
 )
 from genrerank.serving.onnx_model import OnnxModel
+from genrerank.serving.runtime import best_lists, decoder_config
 
 #: Candidates per request of the parity set (one padded batch).
 PARITY_SIZES = [60, 45, 20, 9, 4]
-
-
-def _decode_params(decode_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    cfg = dict(decode_cfg)
-    name = cfg.pop("name", "greedy")
-    return name, cfg
-
-
-def _lists(out: torch.Tensor | DecodedLists) -> np.ndarray:
-    lists = out.lists[:, 0] if isinstance(out, DecodedLists) else out
-    return lists.numpy()
 
 
 def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, Any],
@@ -87,10 +77,10 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
             ref_lp = lp.gather(1, forced.exposed.unsqueeze(1)).squeeze(1)
             ref_lp = torch.where(ref_lists >= 0, ref_lp, 0.0)
             diffs["step_log_probs"] = _finite_max_diff(got_lp, ref_lp.numpy())
-            name, params = _decode_params(manifest.get("decode") or {})
+            name, params = decoder_config(manifest.get("decode") or {})
             if name == "beam":
                 width = int(params.get("beam_width", 4))
-                ref_beam = _lists(model.generate(batch, m, "beam", beam_width=width, k=1))
+                ref_beam = best_lists(model.generate(batch, m, "beam", beam_width=width, k=1))
                 got_beam, _ = onnx.beam(feeds, m, width)
                 lists_identical = lists_identical and bool(np.array_equal(got_beam, ref_beam))
         else:
@@ -103,13 +93,13 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
                     r = r.masked_fill(~mask.unsqueeze(-1), 0.0)
                     g_out = np.where(mask.numpy()[..., None], g_out, 0.0)
                 diffs[name] = _finite_max_diff(g_out, r.numpy())
-            name, params = _decode_params(manifest.get("decode") or {})
+            name, params = decoder_config(manifest.get("decode") or {})
             if name == "contrastive":
                 params["item_repr"] = out.item_repr
-            ref_lists = _lists(decode(name, out.log_probs, mask, m, **params))
+            ref_lists = best_lists(decode(name, out.log_probs, mask, m, **params))
             if name == "contrastive":
                 params["item_repr"] = torch.from_numpy(got[2])
-            got_lists = _lists(decode(name, torch.from_numpy(got[0]), mask, m, **params))
+            got_lists = best_lists(decode(name, torch.from_numpy(got[0]), mask, m, **params))
             lists_identical = bool(np.array_equal(got_lists, ref_lists))
         # The cached item embeddings must not change what the model computes from raw features.
         raw = make_batch(req["user_cat"], req["user_dense"], static, req["upstream_score"], mask,

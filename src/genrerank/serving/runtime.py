@@ -51,15 +51,21 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _decoder(decode_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def decoder_config(decode_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(decoder name, its parameters)`` from a run's or manifest's decode section."""
     cfg = dict(decode_cfg or {"name": "greedy"})
     cfg.pop("selection", None)
     return cfg.pop("name", "greedy"), cfg
 
 
-def _first_list(out: torch.Tensor | DecodedLists) -> np.ndarray:
+def best_lists(out: torch.Tensor | DecodedLists) -> np.ndarray:
+    """``[B, m]``: each request's (best) list, whatever the decoder returned."""
     lists = out.lists[:, 0] if isinstance(out, DecodedLists) else out
-    return lists[0].numpy()
+    return lists.numpy()
+
+
+def first_list(out: torch.Tensor | DecodedLists) -> np.ndarray:
+    return best_lists(out)[0]
 
 
 class TorchBackend:
@@ -78,7 +84,7 @@ class TorchBackend:
         self.kind: str = self.model.kind
         self.spec: FeatureSpec = self.model.spec
         self.version = model_version(run_dir)
-        self.decoder, self.decoder_params = _decoder(run_decoding(run_dir))
+        self.decoder, self.decoder_params = decoder_config(run_decoding(run_dir))
         self.max_candidates, self.max_list_length = self.model.input_limits()
 
     @torch.inference_mode()
@@ -99,7 +105,7 @@ class TorchBackend:
         model = self.model
         if model.stepwise:
             out = model.generate(batch, inp.m, self.decoder, **self.decoder_params)
-            lst = _first_list(out)
+            lst = first_list(out)
             timings["model"] = _ms(start)
             start = time.perf_counter()
             # Probabilities of the chosen items: one teacher-forced pass over the written list.
@@ -115,7 +121,7 @@ class TorchBackend:
         params = dict(self.decoder_params)
         if self.decoder == "contrastive":
             params["item_repr"] = out.item_repr
-        lst = _first_list(decode(self.decoder, out.log_probs, mask, inp.m, **params))
+        lst = first_list(decode(self.decoder, out.log_probs, mask, inp.m, **params))
         probs = out.log_probs[0, torch.from_numpy(lst), torch.arange(inp.m)].exp().numpy()
         timings["decode"] = _ms(start)
         return lst, probs
@@ -135,7 +141,7 @@ class OnnxBackend:
         self.kind = self.onnx.kind
         self.spec = self.onnx.spec
         self.version = self.onnx.version
-        self.decoder, self.decoder_params = _decoder(manifest.get("decode") or {})
+        self.decoder, self.decoder_params = decoder_config(manifest.get("decode") or {})
         self.max_candidates = manifest.get("max_candidates")
         self.max_list_length = manifest.get("max_list_length")
         if self.onnx.stepwise and self.decoder not in ("greedy", "beam"):
@@ -166,7 +172,7 @@ class OnnxBackend:
         if self.decoder == "contrastive":
             params["item_repr"] = torch.from_numpy(item_repr)
         lp = torch.from_numpy(log_probs)
-        lst = _first_list(decode(self.decoder, lp, torch.from_numpy(mask), inp.m, **params))
+        lst = first_list(decode(self.decoder, lp, torch.from_numpy(mask), inp.m, **params))
         probs = np.exp(log_probs[0, lst, np.arange(inp.m)])
         timings["decode"] = _ms(start)
         return lst, probs
