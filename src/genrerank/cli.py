@@ -170,7 +170,13 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
     click.echo(f"exported {manifest['model_version']} ({manifest['kind']}) to {out_dir}: "
                f"{graphs} in {manifest['export_seconds']:.1f} s")
     if "int8_graphs" in manifest:
-        click.echo("int8 graphs: " + ", ".join(manifest["int8_graphs"].values()))
+        line = "int8 graphs: " + ", ".join(manifest["int8_graphs"].values())
+        int8 = manifest.get("parity_int8")
+        if int8:
+            worst = max(v for v in int8["max_abs_diff"].values() if isinstance(v, float))
+            line += (f" (not required to match: max |int8 - torch| {worst:.2g}, lists identical "
+                     f"on the parity set: {int8['lists_identical']})")
+        click.echo(line)
     parity = manifest.get("parity")
     if parity:
         diffs = ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}"

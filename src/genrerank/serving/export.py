@@ -279,7 +279,9 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
     module.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        # The exporter's and its optimizer's progress notes are not for our users.
+        for name in ("torch.onnx", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=input_names, output_names=output_names,
             dynamic_shapes=tuple(shapes), opset_version=OPSET, verbose=False,
