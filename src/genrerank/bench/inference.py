@@ -157,6 +157,28 @@ def _calls(name: str, run_dir: Path, onnx_dir: Path, batch: Any, m: int, k: int,
     return calls
 
 
+#: ONNX Runtime session settings compared: (intra-op threads, spinning).
+SESSION_VARIANTS = {"1 thread": (1, False), "2 threads": (2, False),
+                    "2 threads, spinning": (2, True)}
+
+
+def _session_options(onnx_dir: Path, batch: Any, m: int, settings: InferenceSettings
+                     ) -> dict[str, Any]:
+    """nar4rec's ONNX graph under each of :data:`SESSION_VARIANTS`, side by side."""
+    from genrerank.serving.onnx_model import OnnxModel
+
+    calls = {}
+    for label, (threads, spinning) in SESSION_VARIANTS.items():
+        rt = OnnxModel(onnx_dir, threads, spinning=spinning)
+        static = rt.item_embedding(batch.item_cat[0].numpy(), batch.item_dense[0].numpy())
+        feeds = rt.request_feeds(batch.user_cat.numpy(), batch.user_dense.numpy(), static[None],
+                                 batch.upstream_score.numpy(), batch.candidate_mask.numpy())
+        calls[label] = (lambda rt=rt, feeds=feeds: rt.matrix(feeds, m))
+    cell = time_cell(calls, settings.timing())
+    return {"runs": cell["runs"], "other_processes_cores": cell["other_processes_cores"],
+            "variants": {k: _summary(v) for k, v in cell["variants"].items()}}
+
+
 class _Cursor:
     """The current request of a pool, shared by the timed calls of one round."""
 
@@ -282,7 +304,7 @@ def run_inference_benchmark(settings: InferenceSettings, work: Path,
     previous = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     work.mkdir(parents=True, exist_ok=True)
-    cells, cache = [], {}
+    cells, cache, sessions = [], {}, {}
     try:
         for preset in settings.presets:
             table, spec = simulate_dataset(preset, 300, settings.seed)
@@ -312,6 +334,11 @@ def run_inference_benchmark(settings: InferenceSettings, work: Path,
                     print(f"[inference] {preset} {name}: " + ", ".join(
                         f"{k} {v['p50_ms']:.3f} ms" for k, v in variants.items()), flush=True)
                 if name == "nar4rec":
+                    sessions[preset] = _session_options(onnx_dir, batch, m, settings)
+                    if progress:
+                        print(f"[inference] {preset} session options: " + ", ".join(
+                            f"{k} p50 {v['p50_ms']:.3f} p99 {v['p99_ms']:.3f} ms"
+                            for k, v in sessions[preset]["variants"].items()), flush=True)
                     cache[preset] = _cache_gain(run_dir, onnx_dir, ds, table, m, settings)
                     if progress:
                         print(f"[inference] {preset} cache: {cache[preset]}", flush=True)
@@ -326,6 +353,7 @@ def run_inference_benchmark(settings: InferenceSettings, work: Path,
         "settings": asdict(settings),
         "machine": {**machine_info(settings.threads), "onnxruntime": _ort_version()},
         "cells": cells,
+        "session_options": sessions,
         "cache": cache,
         "int8_quality": quality,
     }
@@ -380,6 +408,17 @@ def inference_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {c['n']} | {c['model']} | {cell('torch')} | {cell('onnx')} | "
                      f"{cell('onnx_int8')} | {c['onnx_over_torch_p50']:.2f}x | "
                      f"{cell('torch+decode')} | {cell('onnx+decode')} |")
+    if result.get("session_options"):
+        labels = list(SESSION_VARIANTS)
+        lines += ["", "### ONNX Runtime session options, nar4rec graph (p50 ms; p99 in "
+                  "parentheses)", "",
+                  "One inter-op thread throughout (the graphs are chains). Measured on a quiet "
+                  "machine; a server shares the cores with its HTTP work.", "",
+                  "| n | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+        for preset, per in result["session_options"].items():
+            v = per["variants"]
+            lines.append(f"| {PRESETS.get(preset, preset)} | " + " | ".join(
+                f"{v[k]['p50_ms']:.3f} ({v[k]['p99_ms']:.2f})" for k in labels) + " |")
     lines += ["", "### Item-embedding cache: `Reranker.rerank` per request, nar4rec (p50 ms)", "",
               "| n | backend | no cache | warm cache | hit rate | speed-up |",
               "|---:|---|---:|---:|---:|---:|"]

@@ -429,6 +429,10 @@ def _reset_peak(pid: int) -> bool:
         return False
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ServerProcess:
     """``cmd`` as a subprocess, ready once ``GET /readyz`` answers 200; a context manager that
     always stops it. stdout / stderr go to files (a pipe nobody reads could block the server)."""
@@ -448,8 +452,11 @@ class ServerProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             # Own session: a Ctrl-C in the terminal reaches the benchmark, which stops the
             # server itself (in its finally), instead of killing the server mid-step.
+            # SIGINT back to its default: a benchmark started in the background (nohup, CI)
+            # ignores SIGINT, and the child would inherit that and never stop gracefully.
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_default_sigint)
         while True:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with code {self.proc.returncode} before it "
