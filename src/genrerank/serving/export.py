@@ -37,6 +37,7 @@ required to pass the float tolerance.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -90,8 +91,6 @@ def model_version(run_dir: str | Path, which: str = "best") -> str:
     """``<model name>-<first 12 hex digits of sha256(model.safetensors)>``: changes whenever
     the weights change, so caches keyed by it are invalidated by a new model."""
     ckpt = resolve_checkpoint(run_dir, which)
-    import json
-
     name = json.loads((ckpt / "checkpoint.json").read_text()).get("model_name", "model")
     digest = hashlib.sha256((ckpt / MODEL_FILE).read_bytes()).hexdigest()[:12]
     return f"{name}-{digest}"
@@ -460,8 +459,6 @@ def export_run(
 
 def load_manifest(onnx_dir: str | Path) -> dict[str, Any]:
     """The manifest of an export folder, with a clear error for anything else."""
-    import json
-
     path = Path(onnx_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{onnx_dir}: no {MANIFEST_FILE}; export a run first with "
