@@ -16,6 +16,7 @@ from genrerank.losses.base import exposed_log_probs
 from genrerank.models import build_model
 from genrerank.models.autoregressive import Autoregressive
 from genrerank.modules.attention import GroupedQueryAttention
+from tests.models._requests import shrink_request
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +38,11 @@ def _ragged(data: RerankDataset, size: int, seed: int) -> Batch:
     gen = torch.Generator().manual_seed(seed)
     items = []
     for i in range(size):
-        item = dict(data[i])
+        item = data[i]
         n = int(torch.randint(3, len(item["upstream_score"]) + 1, (1,), generator=gen))
-        for key in ("item_cat", "item_dense", "upstream_score", "category", "creator",
-                    "is_cold_start", "is_long_tail"):
-            item[key] = item[key][:n]
         keep = item["exposed"] < n
         m = int(torch.randint(1, int(keep.sum()) + 1, (1,), generator=gen)) if keep.any() else 0
-        item["exposed"] = item["exposed"][keep][:m]
-        item["labels"] = {s: v[keep][:m] for s, v in item["labels"].items()}
-        items.append(item)
+        items.append(shrink_request(item, n, exposed=m))
     return collate(items)
 
 

@@ -13,6 +13,7 @@ from genrerank.losses import build_objective
 from genrerank.losses.base import ListScoreOutput
 from genrerank.models import MODELS, build_model
 from genrerank.models.evaluator import ListEvaluator, compact_lists
+from tests.models._requests import shrink_request
 
 SIGNALS = ["click", "like", "long_view"]
 WEIGHTS = {"click": 1.0, "like": 1.5, "long_view": 0.8}
@@ -30,17 +31,6 @@ def evaluator(data: RerankDataset, **config: object) -> ListEvaluator:
     model = build_model("evaluator", data.spec, {"dim": 16, **config})
     assert isinstance(model, ListEvaluator)
     return model.eval()
-
-
-def _shrink(item: dict, n: int) -> dict:
-    """The same request with only its first n candidates (exposed items kept among them)."""
-    keep = dict(item)
-    for key in ("item_cat", "item_dense", "upstream_score", "category", "creator",
-                "is_cold_start", "is_long_tail"):
-        keep[key] = item[key][:n]
-    keep["exposed"] = item["exposed"][item["exposed"] < n][:3]
-    keep["labels"] = {s: v[item["exposed"] < n][:3] for s, v in item["labels"].items()}
-    return keep
 
 
 def manual_score(model: ListEvaluator, batch, lists: torch.Tensor) -> torch.Tensor:
@@ -69,7 +59,7 @@ def test_registered_as_evaluator(data: RerankDataset) -> None:
 
 def test_forward_shapes(data: RerankDataset) -> None:
     model = evaluator(data)
-    batch = collate([_shrink(data[0], 20), data[1]])
+    batch = collate([shrink_request(data[0], 20), data[1]])
     out = model(batch)
     assert isinstance(out, ListScoreOutput)
     assert set(out.signal_logits) == set(SIGNALS)
@@ -82,7 +72,7 @@ def test_forward_shapes(data: RerankDataset) -> None:
 @pytest.mark.parametrize("causal", [True, False])
 def test_padding_changes_nothing(data: RerankDataset, causal: bool) -> None:
     model = evaluator(data, causal=causal)
-    short = _shrink(data[2], 25)
+    short = shrink_request(data[2], 25)
     alone = collate([short])
     padded = collate([short, data[3]])  # pads request 0 to n = 60, m = 6
     a, p = model(alone).signal_logits, model(padded).signal_logits
@@ -121,7 +111,7 @@ def test_empty_slots_are_dropped(data: RerankDataset) -> None:
 
 def test_score_lists_is_the_discounted_gain(data: RerankDataset) -> None:
     model = evaluator(data)
-    batch = collate([_shrink(data[6], 30), data[7]])
+    batch = collate([shrink_request(data[6], 30), data[7]])
     torch.manual_seed(1)
     lists = torch.stack([torch.stack([torch.randperm(30)[:6] for _ in range(4)]) for _ in range(2)])
     lists[0, 1, 4:] = -1  # a shorter list

@@ -10,6 +10,7 @@ import torch
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.simulator import simulate_to_dir
 from genrerank.models import MODELS, build_model
+from tests.models._requests import shrink_request
 
 # Only the library's own models: test modules register toy models into the same registry.
 BUILTIN_MODELS = sorted(
@@ -31,22 +32,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> RerankDataset:
     return RerankDataset(out)
 
 
-def _shrink(item: dict, n: int) -> dict:
-    """The same request with only its first n candidates (exposed items kept among them)."""
-    keep = dict(item)
-    for key in ("item_cat", "item_dense", "upstream_score", "category", "creator",
-                "is_cold_start", "is_long_tail"):
-        keep[key] = item[key][:n]
-    keep["exposed"] = item["exposed"][item["exposed"] < n][:3]
-    keep["labels"] = {s: v[item["exposed"] < n][:3] for s, v in item["labels"].items()}
-    return keep
-
-
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_outputs_are_distributions_over_real_candidates(name: str, data: RerankDataset) -> None:
     torch.manual_seed(0)
     model = build_model(name, data.spec, small(name)).eval()
-    short = _shrink(data[0], 20)
+    short = shrink_request(data[0], 20)
     batch = collate([short, data[1]])
     out = model(batch)
     assert out.log_probs.shape == (2, 60, 6)
@@ -60,7 +50,7 @@ def test_outputs_are_distributions_over_real_candidates(name: str, data: RerankD
 def test_padding_changes_nothing(name: str, data: RerankDataset) -> None:
     torch.manual_seed(0)
     model = build_model(name, data.spec, small(name)).eval()
-    short = _shrink(data[2], 25)
+    short = shrink_request(data[2], 25)
     alone = model(collate([short]))
     padded = model(collate([short, data[3]]))  # pads request 0 to n = 60, m = 6
     m = alone.log_probs.shape[2]

@@ -100,8 +100,7 @@ def _untrained_run(name: str, spec: Any, run_dir: Path, seed: int) -> Path:
 def _calls(name: str, run_dir: Path, onnx_dir: Path, batch: Any, m: int, k: int,
            threads: int, seed: int) -> dict[str, Callable[[], Any]]:
     """Zero-argument timed calls: torch / onnx / onnx_int8 (model only and + decode)."""
-    from genrerank.bench.latency import random_lists
-    from genrerank.decoding import decode
+    from genrerank.decoding import decode, random_lists
     from genrerank.serving.export import make_batch
     from genrerank.serving.onnx_model import OnnxModel
     from genrerank.serving.runtime import TorchBackend

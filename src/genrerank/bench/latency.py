@@ -63,6 +63,7 @@ import torch
 from tqdm.auto import tqdm
 
 from genrerank.data.dataset import Batch, RerankDataset, collate
+from genrerank.decoding import random_lists
 from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
 
@@ -155,16 +156,6 @@ def build_bench_model(name: str, spec: Any, seed: int) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return build_model(name, spec, model_config(name)).eval()
-
-
-def random_lists(candidate_mask: torch.Tensor, m: int, k: int, seed: int) -> torch.Tensor:
-    """``[B, K, m]`` random lists of each request's real candidates (-1 where it has < m)."""
-    b, n = candidate_mask.shape
-    gen = torch.Generator().manual_seed(seed)
-    keys = torch.rand(b, k, n, generator=gen).masked_fill(~candidate_mask[:, None, :], 2.0)
-    order = keys.argsort(-1)[..., :m]  # real candidates first, in random order
-    real = candidate_mask.gather(1, order.reshape(b, -1)).reshape(order.shape)
-    return torch.where(real, order, -1)
 
 
 def make_call(

@@ -54,6 +54,7 @@ __all__ = [
     "list_log_prob",
     "mask_beyond_length",
     "prepare_inputs",
+    "random_lists",
     "register_decoder",
 ]
 
@@ -158,6 +159,16 @@ def prepare_inputs(
     lengths = torch.minimum(lengths, mask.sum(1))
     lp = _floored(log_probs)
     return lp, mask, lengths, width
+
+
+def random_lists(candidate_mask: torch.Tensor, m: int, k: int, seed: int) -> torch.Tensor:
+    """``[B, K, m]`` random lists of each request's real candidates (-1 where it has < m)."""
+    b, n = candidate_mask.shape
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.rand(b, k, n, generator=gen).masked_fill(~candidate_mask[:, None, :], 2.0)
+    order = keys.argsort(-1)[..., :m]  # real candidates first, in random order
+    real = candidate_mask.gather(1, order.reshape(b, -1)).reshape(order.shape)
+    return torch.where(real, order, -1)
 
 
 def mask_beyond_length(lists: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

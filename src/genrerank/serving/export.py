@@ -48,7 +48,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -59,6 +58,7 @@ from genrerank.models.base import RerankModel
 from genrerank.training.checkpoint import (
     MODEL_FILE,
     load_model,
+    read_meta,
     replace_dir,
     resolve_checkpoint,
 )
@@ -91,7 +91,7 @@ def model_version(run_dir: str | Path, which: str = "best") -> str:
     """``<model name>-<first 12 hex digits of sha256(model.safetensors)>``: changes whenever
     the weights change, so caches keyed by it are invalidated by a new model."""
     ckpt = resolve_checkpoint(run_dir, which)
-    name = json.loads((ckpt / "checkpoint.json").read_text()).get("model_name", "model")
+    name = read_meta(ckpt).get("model_name", "model")
     digest = hashlib.sha256((ckpt / MODEL_FILE).read_bytes()).hexdigest()[:12]
     return f"{name}-{digest}"
 
@@ -100,25 +100,30 @@ def model_version(run_dir: str | Path, which: str = "best") -> str:
 
 
 def make_batch(
-    user_cat: torch.Tensor, user_dense: torch.Tensor, item_static: torch.Tensor,
+    user_cat: torch.Tensor, user_dense: torch.Tensor, item_static: torch.Tensor | None,
     upstream_score: torch.Tensor, candidate_mask: torch.Tensor,
-    position_mask: torch.Tensor | None = None,
+    position_mask: torch.Tensor | None = None, *, item_cat: torch.Tensor | None = None,
+    item_dense: torch.Tensor | None = None, category: torch.Tensor | None = None,
+    creator: torch.Tensor | None = None,
 ) -> Batch:
-    """A Batch for inference from precomputed item embeddings (no labels, nothing logged)."""
+    """A Batch for inference (no labels, nothing logged), from precomputed item embeddings
+    ``item_static`` or from the raw ``item_cat`` / ``item_dense``."""
     b, n = upstream_score.shape
     zeros = torch.zeros_like(candidate_mask, dtype=torch.long)
     if position_mask is None:
         position_mask = torch.ones(b, 1, dtype=torch.bool)
+    if item_static is None and (item_cat is None or item_dense is None):
+        raise ValueError("make_batch: give item_static, or item_cat and item_dense")
     return Batch(
         request_index=zeros[:, 0],
         user_cat=user_cat,
         user_dense=user_dense,
-        # Not read when item_static is set; empty so nothing can depend on them.
-        item_cat=zeros.new_zeros(b, n, 0),
-        item_dense=upstream_score.new_zeros(b, n, 0),
+        # Empty when item_static is set: it is not read then, so nothing can depend on them.
+        item_cat=zeros.new_zeros(b, n, 0) if item_cat is None else item_cat,
+        item_dense=upstream_score.new_zeros(b, n, 0) if item_dense is None else item_dense,
         upstream_score=upstream_score,
-        category=zeros,
-        creator=zeros,
+        category=zeros if category is None else category,
+        creator=zeros if creator is None else creator,
         is_cold_start=torch.zeros_like(candidate_mask),
         is_long_tail=torch.zeros_like(candidate_mask),
         candidate_mask=candidate_mask,
@@ -470,10 +475,3 @@ def load_manifest(onnx_dir: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
     return manifest
-
-
-def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    fa, fb = np.isfinite(a), np.isfinite(b)
-    if not np.array_equal(fa, fb):
-        return math.inf
-    return float(np.abs(a[fa] - b[fb]).max()) if fa.any() else 0.0

@@ -15,19 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from genrerank.decoding import decode
+from genrerank.decoding import decode, random_lists
 from genrerank.models.base import RerankModel
-from genrerank.serving.export import (
-    PARITY_TOLERANCE,
-    _finite_max_diff,
-    make_batch,
-    synthetic_requests,
-)
+from genrerank.serving.export import PARITY_TOLERANCE, make_batch, synthetic_requests
 from genrerank.serving.onnx_model import OnnxModel
 from genrerank.serving.runtime import best_lists, decoder_config
 
 #: Candidates per request of the parity set (one padded batch).
 PARITY_SIZES = [60, 45, 20, 9, 4]
+
+
+def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Max |a - b| over the entries finite in both; inf if they are not finite in the same
+    places (a masked -inf that became a number, or the reverse, is a failure)."""
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    if not np.array_equal(fa, fb):
+        return math.inf
+    return float(np.abs(a[fa] - b[fb]).max()) if fa.any() else 0.0
 
 
 def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, Any],
@@ -53,14 +57,7 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
     lists_identical = True
     with torch.inference_mode():
         if model.kind == "evaluator":
-            g = torch.Generator().manual_seed(seed)
-            b, n = mask.shape
-            k = 8
-            lists = torch.stack([torch.stack([torch.randperm(int(s), generator=g)[:m]
-                                              if int(s) >= m else
-                                              torch.cat([torch.randperm(int(s), generator=g),
-                                                         torch.full((m - int(s),), -1)])
-                                              for _ in range(k)]) for s in mask.sum(1)])
+            lists = random_lists(mask, m, k=8, seed=seed)
             ref = model.score_lists(batch, lists)
             got = onnx.score_lists(feeds, lists.numpy())
             diffs["scores"] = _finite_max_diff(got, ref.numpy())
@@ -102,10 +99,9 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
             got_lists = best_lists(decode(name, torch.from_numpy(got[0]), mask, m, **params))
             lists_identical = bool(np.array_equal(got_lists, ref_lists))
         # The cached item embeddings must not change what the model computes from raw features.
-        raw = make_batch(req["user_cat"], req["user_dense"], static, req["upstream_score"], mask,
-                         req["position_mask"])
-        raw.item_static = None
-        raw.item_cat, raw.item_dense = req["item_cat"], req["item_dense"]
+        raw = make_batch(req["user_cat"], req["user_dense"], None, req["upstream_score"], mask,
+                         req["position_mask"], item_cat=req["item_cat"],
+                         item_dense=req["item_dense"])
         if model.kind != "evaluator" and not model.stepwise:
             diffs["raw_vs_cached_log_probs"] = _finite_max_diff(
                 model(raw).log_probs.numpy(), model(batch).log_probs.numpy())

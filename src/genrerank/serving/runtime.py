@@ -34,6 +34,7 @@ from genrerank.data.dataset import Batch
 from genrerank.data.schema import FeatureSpec
 from genrerank.decoding import DecodedLists, decode
 from genrerank.serving.cache import ItemEmbeddingCache
+from genrerank.serving.export import make_batch, model_version
 from genrerank.serving.types import RerankInput, RerankResult
 
 __all__ = ["OnnxBackend", "Reranker", "TorchBackend", "load_reranker"]
@@ -53,8 +54,7 @@ def _ms(start: float) -> float:
 
 def decoder_config(decode_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(decoder name, its parameters)`` from a run's or manifest's decode section."""
-    cfg = dict(decode_cfg or {"name": "greedy"})
-    cfg.pop("selection", None)
+    cfg = dict(decode_cfg or {"name": "greedy"})  # run_decoding already dropped "selection"
     return cfg.pop("name", "greedy"), cfg
 
 
@@ -75,7 +75,6 @@ class TorchBackend:
 
     def __init__(self, run_dir: str | Path, threads: int = 1) -> None:
         from genrerank.experiment import run_decoding
-        from genrerank.serving.export import model_version
         from genrerank.training.checkpoint import load_model
 
         torch.set_num_threads(max(1, threads))
@@ -95,8 +94,6 @@ class TorchBackend:
     def write_list(self, inp: RerankInput, static: np.ndarray, timings: dict[str, float]
                    ) -> tuple[np.ndarray, np.ndarray]:
         """The list ``[m]`` (candidate indices) and each item's probability at its position."""
-        from genrerank.serving.export import make_batch
-
         start = time.perf_counter()
         mask = torch.ones(1, inp.n, dtype=torch.bool)
         batch = make_batch(_t(inp.user_cat)[None], _t(inp.user_dense)[None], _t(static)[None],
@@ -271,21 +268,11 @@ class Reranker:
 
 def raw_batch(inp: RerankInput) -> Batch:
     """A one-request Batch with raw features (what the pipeline's models read)."""
-    t = _t
-    n = inp.n
-    mask = torch.ones(1, n, dtype=torch.bool)
-    return Batch(
-        request_index=torch.zeros(1, dtype=torch.long),
-        user_cat=t(inp.user_cat)[None], user_dense=t(inp.user_dense)[None],
-        item_cat=t(inp.item_cat)[None], item_dense=t(inp.item_dense)[None],
-        upstream_score=t(inp.upstream_score)[None],
-        category=t(inp.category)[None], creator=t(inp.creator)[None],
-        is_cold_start=torch.zeros(1, n, dtype=torch.bool),
-        is_long_tail=torch.zeros(1, n, dtype=torch.bool),
-        candidate_mask=mask,
-        exposed=torch.zeros(1, inp.m, dtype=torch.long),
-        position_mask=torch.ones(1, inp.m, dtype=torch.bool),
-        labels={},
+    return make_batch(
+        _t(inp.user_cat)[None], _t(inp.user_dense)[None], None, _t(inp.upstream_score)[None],
+        torch.ones(1, inp.n, dtype=torch.bool), torch.ones(1, inp.m, dtype=torch.bool),
+        item_cat=_t(inp.item_cat)[None], item_dense=_t(inp.item_dense)[None],
+        category=_t(inp.category)[None], creator=_t(inp.creator)[None],
     )
 
 
