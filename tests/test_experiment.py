@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -77,18 +78,73 @@ def test_evaluate_with_each_decoder(sim: Path, tmp_path: Path) -> None:
 def test_auto_alpha_is_selected_on_validation_only(sim: Path, tmp_path: Path, monkeypatch) -> None:
     import genrerank.experiment as experiment
 
-    seen: list[set[str]] = []
-    real = experiment.validation_score
+    seen: list[tuple[set[str], str, dict]] = []
+    real = experiment.ListScorer.__call__
 
-    def spy(model, dataset, *args, **kwargs):
-        seen.append(set(dataset.table.column("split").to_pylist()))
-        return real(model, dataset, *args, **kwargs)
+    def spy(self, model, decoder, params):
+        seen.append((set(self.valid.table.column("split").to_pylist()), decoder, dict(params)))
+        return real(self, model, decoder, params)
 
-    monkeypatch.setattr(experiment, "validation_score", spy)
+    monkeypatch.setattr(experiment.ListScorer, "__call__", spy)
     run = tmp_path / "run"
-    experiment.train_run("nar4rec", sim, run, overrides=(*TINY, "model.dim=16", "model.heads=2"))
-    assert len(seen) == len(experiment.ALPHA_GRID) and all(s == {"valid"} for s in seen)
+    experiment.train_run("nar4rec", sim, run, overrides=(
+        *TINY, "model.dim=16", "model.heads=2",
+        'decode={"name": "contrastive", "alpha": "auto"}'))
+    # Every list score (model selection during training, then the alpha grid) is on valid.
+    assert all(splits == {"valid"} for splits, _, _ in seen)
+    alphas = [p["alpha"] for _, d, p in seen if d == "contrastive"]
+    assert alphas == list(experiment.ALPHA_GRID)
     decode = json.loads((run / "run_config.json").read_text())["decode"]
     assert decode["alpha"] in experiment.ALPHA_GRID
     assert decode["selection"]["split"] == "valid"
     assert experiment.run_decoding(run) == {"name": "contrastive", "alpha": decode["alpha"]}
+
+
+def test_auto_decoder_is_chosen_on_validation(sim: Path, tmp_path: Path) -> None:
+    import genrerank.experiment as experiment
+
+    run = tmp_path / "run"
+    experiment.train_run("pointwise", sim, run, overrides=(
+        *TINY, "model.dim=16", "model.hidden=16", 'decode={"name": "auto"}'))
+    decode = json.loads((run / "run_config.json").read_text())["decode"]
+    labels = [experiment._label(n, p) for n, p in experiment.decoder_candidates(None)]
+    assert decode["selection"]["split"] == "valid"
+    assert decode["selection"]["metric"] == "expected_gain"
+    assert list(decode["selection"]["scores"]) == labels
+    best = max(decode["selection"]["scores"].values())
+    chosen = experiment._label(decode["name"], {k: v for k, v in decode.items()
+                                                if k not in ("name", "selection")})
+    assert decode["selection"]["scores"][chosen] == best
+    # The satiation penalty resolves like alpha does.
+    run2 = tmp_path / "run2"
+    experiment.train_run("pointwise", sim, run2, overrides=(
+        *TINY, "model.dim=16", "model.hidden=16",
+        'decode={"name": "satiation", "penalty": "auto"}'))
+    decode2 = experiment.run_decoding(run2)
+    assert decode2["name"] == "satiation" and decode2["penalty"] in experiment.PENALTY_GRID
+
+
+def test_models_are_selected_on_the_validation_list_score(sim: Path, tmp_path: Path) -> None:
+    from genrerank.experiment import train_run
+
+    run = tmp_path / "run"
+    train_run("pointwise", sim, run, overrides=(
+        "train.epochs=2", "train.progress=false", "train.batch_size=64", "model.dim=16",
+        "model.hidden=16"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("valid/list_score" in r for r in records)
+    best = [r for r in records if r["is_best"]][-1]
+    assert best["valid/list_score"] == max(r["valid/list_score"] for r in records)
+
+
+def test_warning_when_most_lists_have_no_positive_label(sim: Path) -> None:
+    from genrerank.data.dataset import RerankDataset
+    from genrerank.experiment import warn_unlabelled
+
+    train = RerankDataset(sim, split="train")
+    offsets = train._exposed.offsets
+    expected = float(np.mean([
+        not any((train._labels[s].values[offsets[i]:offsets[i + 1]] > 0).any()
+                for s in train._labels) for i in range(len(train))]))
+    with pytest.warns(UserWarning, match="no positive label"):
+        assert warn_unlabelled(train, share=0.0) == pytest.approx(expected)

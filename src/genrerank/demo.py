@@ -1,9 +1,11 @@
 """The main job of ``make demo``: simulate logs, train the models, evaluate, compare.
 
 Every re-ranker is scored on the same test requests under the simulator's true user model:
-heuristics that need no training, the trained models (pointwise, PRM, NAR4Rec: same trainer,
-features and budget, each selected on the validation split), the logging policy and two oracle
-references that know the hidden truth.
+heuristics that need no training, the trained models (pointwise, PRM, NAR4Rec, autoregressive:
+same trainer, features and budget, each selected on the validation split), the pointwise scores
+with a satiation penalty tuned on validation, the logging policy, and references that know the
+hidden truth: the learnable ceilings (noise-free appeal: what the features could reveal at best)
+and the oracle's true-appeal sort and upper bound.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.simulator import Simulator, request_index, simulate_to_dir
 from genrerank.evaluation.offline import predict
 from genrerank.evaluation.online import evaluate_online
-from genrerank.experiment import run_decoding, train_run
+from genrerank.experiment import run_decoding, select_decoding, train_run
 from genrerank.metrics import auc, gauc
 from genrerank.models.heuristics import mmr, upstream_order
 from genrerank.training import load_model
@@ -26,7 +28,7 @@ from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
 
 #: Trained in the demo, with a budget small enough for a laptop (the benchmark trains longer).
-DEMO_MODELS = ("pointwise", "prm", "nar4rec")
+DEMO_MODELS = ("pointwise", "prm", "nar4rec", "autoregressive")
 DEMO_TRAIN = ("train.patience=2",)
 
 COLUMNS = [
@@ -85,7 +87,18 @@ def run_demo(
         decoder = decode.pop("name")
         label = f"{name} ({decoder})"
         policies[label] = predict(model, test, decoder, decode).lists
+        if name == "pointwise":
+            # The strongest simple list method: the same scores, a satiation penalty tuned on
+            # the validation split.
+            valid = RerankDataset(data_dir, split="valid")
+            tuned = select_decoding(model, valid, {"name": "satiation", "penalty": "auto"})
+            penalty = tuned["penalty"]
+            policies[f"pointwise + satiation ({penalty})"] = predict(
+                model, test, "satiation", {"penalty": penalty}).lists
+    clean = sim.noise_free(state)
     policies |= {
+        "learnable ceiling: sort": sim.true_appeal_sort(clean, m),
+        "learnable ceiling: beam": sim.upper_bound(clean, beam_width=16)[0],
         "oracle: true-appeal sort": sim.true_appeal_sort(state, m),
         "oracle: upper bound (beam 16)": upper_lists,
     }

@@ -7,6 +7,7 @@ The test split is touched only by :func:`evaluate_model`; training sees train an
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,12 @@ import torch
 from genrerank.data.dataset import RerankDataset
 from genrerank.data.schema import FeatureSpec
 from genrerank.data.simulator import Simulator
-from genrerank.evaluation.offline import Predictions, offline_metrics, predict
+from genrerank.evaluation.offline import (
+    Predictions,
+    offline_metrics,
+    position_propensities,
+    predict,
+)
 from genrerank.evaluation.online import evaluate_online
 from genrerank.losses import build_objective
 from genrerank.models import build_model
@@ -28,6 +34,10 @@ RUN_CONFIG = "run_config.json"
 #: Contrastive decoding trades probability against similarity, whose scales differ by model and
 #: data, so ``alpha: "auto"`` picks alpha on the validation split from this grid.
 ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6)
+#: The satiation decoder's same-category penalty (log-probability units), ``penalty: "auto"``.
+PENALTY_GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
+#: Decoder options that ``"auto"`` resolves on the validation split, and their grids.
+AUTO_GRIDS: dict[str, tuple[float, ...]] = {"alpha": ALPHA_GRID, "penalty": PENALTY_GRID}
 
 
 def model_defaults(model_name: str) -> Path | None:
@@ -64,47 +74,136 @@ def train_run(
     valid = RerankDataset(data_dir, split="valid")
     if len(train) == 0 or len(valid) == 0:
         raise ValueError(f"{data_dir}: needs requests in both the train and valid splits")
+    warn_unlabelled(train)
     model_cfg = {k: v for k, v in cfg["model"].items() if k != "name"}
     model = build_model(model_name, train.spec, model_cfg)
     objective = build_objective(cfg["loss"])
-    trainer = Trainer(model, objective, train, valid, train_cfg, out_dir,
+    validate_fn = None
+    if getattr(model, "kind", "generator") == "generator":
+        validate_fn = ListScorer(valid, train).validate_fn()
+    trainer = Trainer(model, objective, train, valid, train_cfg, out_dir, validate_fn,
                       loss_config=cfg["loss"], overwrite=overwrite or resume)
     best = trainer.fit(resume=resume)
-    cfg["decode"] = select_decoding(model, valid, cfg["decode"])
+    cfg["decode"] = select_decoding(model, valid, cfg["decode"], train)
     atomic_write_json(Path(out_dir) / RUN_CONFIG, {**cfg, "data": str(data_dir)})
     return best
 
 
+def warn_unlabelled(train: RerankDataset, share: float = 0.5) -> float:
+    """Warn when most training lists carry no positive label: list-level losses (unlikelihood)
+    then call most logged lists bad, and item-level credit has little to learn from."""
+    if not train.spec.labels:
+        return 0.0
+    offsets = train._exposed.offsets
+    positive = np.zeros(len(offsets) - 1, dtype=bool)
+    for ragged in train._labels.values():
+        hits = np.add.reduceat(ragged.values > 0, offsets[:-1]) if ragged.values.size else 0
+        positive |= np.asarray(hits > 0) & (np.diff(offsets) > 0)
+    empty = float(1.0 - positive.mean()) if positive.size else 0.0
+    if empty > share:
+        warnings.warn(
+            f"{empty:.0%} of the training lists have no positive label: a list-level loss "
+            "(unlikelihood) calls all of them bad lists and pushes the model away from their "
+            "placements; item-level credit (gain_bce) learns from the positive items alone",
+            stacklevel=2,
+        )
+    return empty
+
+
+class ListScorer:
+    """The list metric models are selected on, on the VALIDATION split: the decoded lists'
+    exact expected gain under the oracle for simulator data; on real logs the position-debiased
+    expected clicks of the lists' top k (``ips_clicks@k``, propensities fitted on the training
+    split), or their logged-label gain when no propensities can be fitted."""
+
+    def __init__(self, valid: RerankDataset, train: RerankDataset | None = None) -> None:
+        self.valid = valid
+        self.sim = self.state = self.propensities = None
+        if "simulator" in valid.spec.extra:
+            from genrerank.data.simulator import request_index
+
+            self.sim = Simulator.from_spec(valid.spec)
+            self.state = self.sim.requests(request_index(valid.request_ids))
+        elif train is not None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.propensities = position_propensities(train)
+            except (ValueError, KeyError):
+                self.propensities = None  # e.g. no click at position 0: fall back
+        self.k = top_k_cutoffs(valid)[0]
+
+    @property
+    def metric(self) -> str:
+        if self.sim is not None:
+            return "expected_gain"
+        return f"ips_clicks@{self.k}" if self.propensities is not None else "list_gain"
+
+    def __call__(self, model: torch.nn.Module, decoder: str, params: dict[str, Any]) -> float:
+        preds = predict(model, self.valid, decoder, params)
+        if self.sim is not None:
+            lists = preds.lists
+            gains = self.sim.expected_gain(self.state, np.maximum(lists, 0), lists >= 0)
+            return float(gains.mean())
+        metrics = offline_metrics(preds, (self.k,), propensities=self.propensities)
+        return float(metrics[self.metric])
+
+    def validate_fn(self) -> Any:
+        """For the trainer: ``list_score`` of greedy lists after each evaluation."""
+
+        def fn(model: torch.nn.Module, loader: Any) -> dict[str, float]:
+            decoder = "greedy"
+            return {"list_score": self(model, decoder, {})}
+
+        return fn
+
+
 def validation_score(model: torch.nn.Module, dataset: RerankDataset, decoder: str,
                      params: dict[str, Any]) -> float:
-    """What decoding choices are selected on: the decoded lists' expected gain under the oracle
-    for simulator data, otherwise their logged-label list gain. Cheap: no upper bound."""
-    preds = predict(model, dataset, decoder, params)
-    if "simulator" in dataset.spec.extra:
-        from genrerank.data.simulator import request_index
+    """What decoding choices are selected on (see :class:`ListScorer`)."""
+    return ListScorer(dataset)(model, decoder, params)
 
-        sim = Simulator.from_spec(dataset.spec)
-        state = sim.requests(request_index(dataset.request_ids))
-        lists = preds.lists
-        return float(sim.expected_gain(state, np.maximum(lists, 0), lists >= 0).mean())
-    return offline_metrics(preds, top_k_cutoffs(dataset))["list_gain"]
+
+def decoder_candidates(model: torch.nn.Module) -> list[tuple[str, dict[str, Any]]]:
+    """The decoders ``"name": "auto"`` chooses from."""
+    if getattr(model, "stepwise", False):
+        return [("greedy", {}), ("beam", {"beam_width": 4, "k": 1})]
+    # Contrastive decoding penalises similarity to the items already chosen in the model's own
+    # representation space; the satiation decoder in category space (a fixed similarity kernel).
+    return [("greedy", {}), *[("contrastive", {"alpha": a}) for a in ALPHA_GRID if a > 0],
+            *[("satiation", {"penalty": p}) for p in PENALTY_GRID if p > 0], ("hungarian", {})]
 
 
 def select_decoding(
-    model: torch.nn.Module, valid: RerankDataset, decode_cfg: dict[str, Any]
+    model: torch.nn.Module, valid: RerankDataset, decode_cfg: dict[str, Any],
+    train: RerankDataset | None = None,
 ) -> dict[str, Any]:
-    """Resolve ``"auto"`` decoding parameters on the validation split (never on test)."""
+    """Resolve ``"auto"`` decoding choices on the validation split (never on test): the
+    decoder itself (``"name": "auto"``) or contrastive decoding's ``alpha``."""
     decode_cfg = dict(decode_cfg or {"name": "greedy"})
-    if decode_cfg.get("alpha") != "auto":
+    decode_cfg.pop("selection", None)
+    auto = [k for k, v in decode_cfg.items() if v == "auto" and k in AUTO_GRIDS]
+    if decode_cfg.get("name") == "auto":
+        candidates = decoder_candidates(model)
+    elif len(auto) == 1:
+        key = auto[0]
+        base = {k: v for k, v in decode_cfg.items() if k not in ("name", key)}
+        candidates = [(decode_cfg["name"], {**base, key: v}) for v in AUTO_GRIDS[key]]
+    elif auto:
+        raise ValueError(f"decode: only one option can be 'auto', got {auto}")
+    else:
         return decode_cfg
-    params = {k: v for k, v in decode_cfg.items() if k not in ("name", "alpha")}
-    scores = {
-        alpha: validation_score(model, valid, decode_cfg["name"], {**params, "alpha": alpha})
-        for alpha in ALPHA_GRID
-    }
-    best = max(scores, key=lambda a: (scores[a], -a))  # ties: the smaller alpha
-    return {**decode_cfg, "alpha": best,
-            "selection": {"split": "valid", "scores": {str(a): v for a, v in scores.items()}}}
+    scorer = ListScorer(valid, train)
+    scores = [(name, params, scorer(model, name, params)) for name, params in candidates]
+    # Ties: the earlier (simpler) candidate.
+    name, params, _ = max(scores, key=lambda c: (c[2], -scores.index(c)))
+    return {"name": name, **params, "selection": {
+        "split": "valid", "metric": scorer.metric,
+        "scores": {_label(n, p): v for n, p, v in scores}}}
+
+
+def _label(name: str, params: dict[str, Any]) -> str:
+    return name if not params else f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
 
 
 def _check_compatible(model_spec: FeatureSpec, data_spec: FeatureSpec) -> None:
@@ -133,13 +232,15 @@ def evaluate_model(
     decoder_params: dict[str, Any] | None = None,
     name: str = "model",
     beam_width: int = 16,
+    propensities: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Offline metrics on the logs; online ones under the oracle for simulator data."""
+    """Offline metrics on the logs (position-debiased ones too when ``propensities``, fitted on
+    the training split, are given); online ones under the oracle for simulator data."""
     preds = predict(model, dataset, decoder, decoder_params)
     result: dict[str, Any] = {
         "requests": len(dataset),
         "decoder": {"name": decoder, **(decoder_params or {})},
-        "offline": offline_metrics(preds, top_k_cutoffs(dataset)),
+        "offline": offline_metrics(preds, top_k_cutoffs(dataset), propensities=propensities),
     }
     if "simulator" in dataset.spec.extra:
         result["online"] = online_metrics(dataset, preds, name, beam_width)
@@ -149,7 +250,10 @@ def evaluate_model(
 def online_metrics(
     dataset: RerankDataset, preds: Predictions, name: str, beam_width: int = 16
 ) -> dict[str, Any]:
+    """Oracle report of ``preds``' lists, with the logging policy, the upper bound and the
+    learnable ceilings (:meth:`Simulator.learnable_ceilings`) as references."""
     from genrerank.data.simulator import request_index
+    from genrerank.evaluation.online import headroom_captured
 
     sim = Simulator.from_spec(dataset.spec)
     state = sim.requests(request_index(dataset.request_ids))
@@ -161,7 +265,24 @@ def online_metrics(
     out["logging_expected_gain"] = reports[1].expected_gain
     out["upper_bound_expected_gain"] = float(upper.mean())
     out["upper_bound_beam_width"] = beam_width
+    for key, gains in sim.learnable_ceilings(state, beam_width).items():
+        out[f"learnable_{key}_expected_gain"] = float(gains.mean())
+        out[f"learnable_{key}_headroom"] = headroom_captured(
+            float(gains.mean()), reports[1].expected_gain, float(upper.mean()))
     return out
+
+
+def train_propensities(data_dir: str | Path, dataset: RerankDataset) -> np.ndarray | None:
+    """Position propensities for the debiased offline metrics, fitted on the TRAINING split of
+    real logs (None for simulator data, which has the oracle, or when they cannot be fitted)."""
+    if "simulator" in dataset.spec.extra:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return position_propensities(RerankDataset(data_dir, split="train"))
+    except (ValueError, KeyError):
+        return None
 
 
 def run_decoding(run_dir: str | Path) -> dict[str, Any]:
@@ -201,7 +322,8 @@ def evaluate_run(
     else:
         name = decode_cfg.pop("name")
         evaluated = evaluate_model(model, dataset, name, decode_cfg,
-                                   name=str(meta.get("model_name")))
+                                   name=str(meta.get("model_name")),
+                                   propensities=train_propensities(data_dir, dataset))
     result = {
         "run": str(run_dir),
         "model": meta.get("model_name"),

@@ -20,7 +20,10 @@ from genrerank.bench import quality
 from genrerank.bench.quality import (
     ABLATIONS,
     DECODING,
+    DERIVED,
+    FEATURES,
     MODELS,
+    ROWS,
     QualitySettings,
     mean_std,
     output_paths,
@@ -40,6 +43,7 @@ SETTINGS = QualitySettings(
     upper_bound_beam_width=2,
     k_values=(1, 2, 4),
     ge_k=2,
+    ablation_seeds=2,
 )
 
 
@@ -53,10 +57,12 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     calls: list[dict[str, Any]] = []
     scores: list[dict[str, Any]] = []
     real_evaluate = quality.evaluate_model
-    real_score = experiment.validation_score
+    real_score = experiment.ListScorer.__call__
 
-    def spy(model, dataset, decoder, decoder_params=None, name="model", beam_width=16):
-        result = real_evaluate(model, dataset, decoder, decoder_params, name, beam_width)
+    def spy(model, dataset, decoder, decoder_params=None, name="model", beam_width=16,
+            propensities=None):
+        result = real_evaluate(model, dataset, decoder, decoder_params, name, beam_width,
+                               propensities)
         calls.append({
             # The splits of the rows actually evaluated, read from the data, not from a label.
             "splits": set(dataset.table.column("split").to_pylist()),
@@ -66,15 +72,16 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         })
         return result
 
-    def score_spy(model, dataset, decoder, params):
-        value = real_score(model, dataset, decoder, params)
-        scores.append({"splits": set(dataset.table.column("split").to_pylist()),
-                       "decoder": decoder, "alpha": params.get("alpha"), "value": value})
+    def score_spy(self, model, decoder, params):
+        value = real_score(self, model, decoder, params)
+        scores.append({"splits": set(self.valid.table.column("split").to_pylist()),
+                       "decoder": decoder, "params": dict(params), "value": value})
         return value
 
     mp = pytest.MonkeyPatch()
     mp.setattr(quality, "evaluate_model", spy)
-    mp.setattr(experiment, "validation_score", score_spy)  # what alpha selection scores with
+    # What model selection and every decoding choice score lists with.
+    mp.setattr(experiment.ListScorer, "__call__", score_spy)
     mp.setattr(tempfile, "tempdir", str(scratch))  # so the test can see the work dir go
     try:
         result = run_quality_benchmark(
@@ -96,7 +103,7 @@ def test_json_structure(bench: dict[str, Any]) -> None:
         assert key in result, key
     assert result["quick"] is True and result["seeds"] == list(SEEDS)
     avito = result["datasets"]["avito"]
-    assert set(avito["runs"]) == set(MODELS) | set(ABLATIONS)
+    assert set(avito["runs"]) == set(MODELS) | set(ABLATIONS) | set(DERIVED)
     for variant, records in avito["runs"].items():
         assert [r["seed"] for r in records] == list(SEEDS), variant
         summary = avito["summary"][variant]
@@ -118,7 +125,12 @@ def test_json_structure(bench: dict[str, Any]) -> None:
     widths = {c["model"]["dim"] for c in result["configs"].values() if "dim" in c["model"]}
     assert widths == {8}
     assert "logging" in result["configs"]  # the baseline is trained by the same trainer
-    assert set(result["targets"]) == {"a", "b", "c", "d"}
+    assert set(result["targets"]) == {"a", "b", "d", "e", "f"}
+    # The learnable-ceiling rows come from the oracle, between the logging policy and the bound.
+    for row in quality.CEILINGS:
+        gain = avito["summary"][row]["online"]["expected_gain"]["mean"]
+        bound = avito["summary"]["logging"]["online"]["upper_bound_expected_gain"]["mean"]
+        assert gain <= bound + 1e-9
 
 
 def test_generator_evaluator_section(bench: dict[str, Any]) -> None:
@@ -136,10 +148,10 @@ def test_generator_evaluator_section(bench: dict[str, Any]) -> None:
     assert 0.0 <= ge["summary"]["evaluator"]["offline"]["click_auc"]["mean"] <= 1.0
     d = result["targets"]["d"]
     assert d["status"] in ("met", "not met")
-    assert d["best_single"] in {*MODELS, *(f"{f} (K=1)" for f in families)}
+    assert d["best_single"] in {*ROWS, *(f"{f} (K=1)" for f in families)}
     assert output_paths(bench["out"], quick=True)["kcurve"].stat().st_size > 10_000
     md = output_paths(bench["out"], quick=True)["md"].read_text()
-    assert "## Generator-evaluator (avito, test split)" in md and "(d) on avito" in md
+    assert "## Generator-evaluator (avito, test split)" in md and "(c) on avito" in md
 
 
 def test_std_is_over_seeds(bench: dict[str, Any]) -> None:
@@ -168,32 +180,30 @@ def test_mean_std_and_summarize() -> None:
     assert s["offline"]["auc"]["mean"] == pytest.approx(0.7)
 
 
-def test_alpha_is_selected_on_valid_and_reported_on_test(bench: dict[str, Any]) -> None:
-    grid = list(experiment.ALPHA_GRID)
+def test_decoding_is_selected_on_valid_and_reported_on_test(bench: dict[str, Any]) -> None:
     scores, calls = bench["scores"], bench["calls"]
-    # Selection scores lists on the valid split only; everything reported is on test.
+    # Model selection and decoding choices score lists on the valid split only; everything
+    # reported is on test.
     assert scores and all(c["splits"] == {"valid"} for c in scores)
     assert calls and all(c["splits"] == {"test"} for c in calls)
-    # One sweep over the whole grid per nar4rec-family run, in run order (seed, then variant).
-    assert len(scores) % len(grid) == 0
-    sweeps = [scores[i : i + len(grid)] for i in range(0, len(scores), len(grid))]
     avito = bench["result"]["datasets"]["avito"]
-    runs = [avito["runs"][v][k] for k in range(len(SEEDS)) for v in ABLATIONS]
-    assert len(sweeps) == len(runs)
-    tested = [c["params"]["alpha"] for c in calls if c["decoder"] == "contrastive"]
-    assert tested == [r["alpha_selection"]["chosen"] for r in runs]
-    for sweep, run in zip(sweeps, runs, strict=True):
-        assert [c["alpha"] for c in sweep] == grid
-        assert {c["decoder"] for c in sweep} == {"contrastive"}
-        sel = run["alpha_selection"]
-        assert sel["split"] == "valid"
-        assert sel["values"] == pytest.approx({str(c["alpha"]): c["value"] for c in sweep})
-        values = [c["value"] for c in sweep]
-        assert sel["chosen"] == grid[int(np.argmax(values))]  # ties: the smaller alpha
-        assert run["decoder"] == {"name": "contrastive", "alpha": sel["chosen"]}
-    # The decoding table's contrastive row is the nar4rec run with its valid-chosen alpha.
+    auto = [v for v in ABLATIONS if v.startswith("nar4rec")]
+    selected = [r for v in (*auto, *DERIVED, "autoregressive") for r in avito["runs"][v]]
+    assert selected and all(r["decode_selection"] for r in selected)
+    for run in selected:
+        sel = run["decode_selection"]
+        assert sel["split"] == "valid" and sel["criterion"] == "expected_gain"
+        # The chosen decoder is the best on valid, and it is what was reported on test.
+        assert sel["values"][sel["chosen"]] == max(sel["values"].values())
+        params = {k: v for k, v in run["decoder"].items() if k != "name"}
+        assert quality._selection({"scores": {}}, run["decoder"]["name"], params)[
+            "chosen"] == sel["chosen"]
+    sat = avito["runs"]["pointwise_satiation"]
+    assert all(r["decoder"]["name"] == "satiation" for r in sat)
+    assert all(r["decoder"]["penalty"] in experiment.PENALTY_GRID for r in sat)
+    # The decoding table's contrastive row is the nar4rec run with its valid-chosen decoder.
     for run, dec in zip(avito["runs"]["nar4rec"], avito["decoding"]["runs"], strict=True):
-        assert dec["contrastive"]["decoder"]["alpha"] == run["alpha_selection"]["chosen"]
+        assert dec["contrastive"]["decoder"] == run["decoder"]
 
 
 def test_quick_does_not_overwrite_full(bench: dict[str, Any]) -> None:
@@ -214,12 +224,17 @@ def test_work_dir_is_removed(bench: dict[str, Any]) -> None:
 
 
 def test_variants_change_only_the_named_loss_terms() -> None:
-    _, (lik,) = variant_overrides("nar4rec_likelihood")
-    _, (noc,) = variant_overrides("nar4rec_no_contrastive")
     base = quality.resolve_config("nar4rec")["loss"]
-    lik_terms = json.loads(lik.split("=", 1)[1])
-    noc_terms = json.loads(noc.split("=", 1)[1])
-    assert [t["name"] for t in lik_terms] == [
-        "likelihood" if t["name"] == "unlikelihood" else t["name"] for t in base]
-    assert noc_terms == [t for t in base if t["name"] != "contrastive"]
+    for name in ("unlikelihood", "likelihood"):
+        model, (override,) = variant_overrides(f"nar4rec_{name}")
+        terms = json.loads(override.split("=", 1)[1])
+        assert model == "nar4rec"
+        assert [t["name"] for t in terms] == [
+            name if t["name"] == "gain_bce" else t["name"] for t in base]
     assert variant_overrides("pointwise") == ("pointwise", ())
+    assert variant_overrides("pointwise_no_affinity") == (
+        "pointwise", ("model.features.affinity=false",))
+    model, off = variant_overrides("pointwise_no_features")
+    assert model == "pointwise" and off == tuple(f"model.features.{f}=false" for f in FEATURES)
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_overrides("pointwise_no_colour")

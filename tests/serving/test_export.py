@@ -243,6 +243,7 @@ def test_matrix_graph_matches_pytorch_on_real_requests(
         static,
         batch.upstream_score.numpy(),
         mask.numpy(),
+        batch.category.numpy(),
     )
     log_probs, click_logits, item_repr = onnx.matrix(feeds, m)
     with torch.inference_mode():

@@ -110,10 +110,11 @@ def _calls(name: str, run_dir: Path, onnx_dir: Path, batch: Any, m: int, k: int,
     with torch.inference_mode():
         static = model.item_embedding(batch.item_cat, batch.item_dense)
     b = make_batch(batch.user_cat, batch.user_dense, static, batch.upstream_score,
-                   batch.candidate_mask, torch.ones(1, m, dtype=torch.bool))
+                   batch.candidate_mask, torch.ones(1, m, dtype=torch.bool),
+                   category=batch.category)
     feeds = OnnxModel.request_feeds(batch.user_cat.numpy(), batch.user_dense.numpy(),
                                     static.numpy(), batch.upstream_score.numpy(),
-                                    batch.candidate_mask.numpy())
+                                    batch.candidate_mask.numpy(), batch.category.numpy())
     runtimes = {"onnx": OnnxModel(onnx_dir, threads),
                 "onnx_int8": OnnxModel(onnx_dir, threads, int8=True)}
     calls: dict[str, Callable[[], Any]] = {}
@@ -171,7 +172,8 @@ def _session_options(onnx_dir: Path, batch: Any, m: int, settings: InferenceSett
         rt = OnnxModel(onnx_dir, threads, spinning=spinning)
         static = rt.item_embedding(batch.item_cat[0].numpy(), batch.item_dense[0].numpy())
         feeds = rt.request_feeds(batch.user_cat.numpy(), batch.user_dense.numpy(), static[None],
-                                 batch.upstream_score.numpy(), batch.candidate_mask.numpy())
+                                 batch.upstream_score.numpy(), batch.candidate_mask.numpy(),
+                                 batch.category.numpy())
         calls[label] = (lambda rt=rt, feeds=feeds: rt.matrix(feeds, m))
     cell = time_cell(calls, settings.timing())
     return {"runs": cell["runs"], "other_processes_cores": cell["other_processes_cores"],
@@ -265,7 +267,8 @@ def _int8_quality(work: Path, settings: InferenceSettings, progress: bool) -> di
                                    batch.item_dense.reshape(-1, batch.item_dense.shape[-1])
                                    .numpy()).reshape(*batch.candidate_mask.shape, -1)
         feeds = rt.request_feeds(batch.user_cat.numpy(), batch.user_dense.numpy(), static,
-                                 batch.upstream_score.numpy(), batch.candidate_mask.numpy())
+                                 batch.upstream_score.numpy(), batch.candidate_mask.numpy(),
+                                 batch.category.numpy())
         lp, _, repr_ = rt.matrix(feeds, m)
         extra = {"item_repr": torch.from_numpy(repr_)} if dec == "contrastive" else {}
         out = decode(dec, torch.from_numpy(lp), batch.candidate_mask, m, **params, **extra)

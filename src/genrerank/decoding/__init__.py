@@ -196,4 +196,11 @@ def list_log_prob(log_probs: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
 
 
 # Importing the submodules registers their decoders (they import the helpers above).
-from genrerank.decoding import assignment, beam, contrastive, greedy, sampling  # noqa: E402, F401
+from genrerank.decoding import (  # noqa: E402, F401
+    assignment,
+    beam,
+    contrastive,
+    greedy,
+    sampling,
+    satiation,
+)

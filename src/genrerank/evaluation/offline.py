@@ -14,6 +14,13 @@ A model is asked for three things per request:
 Offline metrics then use only what the logs know: labels of the exposed items. Unexposed
 candidates count as unlabelled negatives in NDCG / Recall, which is how the NAR4Rec paper
 computes Recall@k; that bias is why the simulator's online evaluation exists.
+
+Logged clicks also follow position, which favours the logged order. ``clicks@k`` counts the
+logged clicks of the model's top-k items whatever their position; given position propensities
+(``position_propensities`` on the training split: a position-based click model fitted by EM),
+``ips_clicks@k`` re-weights each by theta[new position] / theta[logged position] and
+``ips_clicks_ratio@k`` divides it by the logged order's own (= 1.0 for the logged order). See
+``genrerank.metrics.debiased`` for the assumptions.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
@@ -30,7 +38,11 @@ from genrerank.decoding import DecodedLists, decode
 from genrerank.metrics import (
     DEFAULT_GAIN_WEIGHTS,
     auc,
+    fit_position_propensities,
     gauc,
+    ips_clicks_at_k,
+    ips_clicks_ratio_at_k,
+    list_clicks_at_k,
     list_gain,
     logloss,
     ndcg_at_k,
@@ -85,6 +97,8 @@ def predict(
         else:
             if decoder == "contrastive":
                 decoder_params["item_repr"] = out.item_repr
+            if decoder == "satiation":
+                decoder_params["category"] = batch.category
             lists = decode(decoder, out.log_probs, batch.candidate_mask, lengths,
                            **decoder_params)
         if isinstance(lists, DecodedLists):
@@ -135,8 +149,60 @@ def _per_candidate(p: Predictions, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def offline_metrics(p: Predictions, ks: tuple[int, ...]) -> dict[str, float]:
-    """AUC, GAUC, LogLoss (click at logged positions); NDCG@k, Recall@k; list gain@m."""
+def position_propensities(
+    dataset: RerankDataset,
+    *,
+    split: str | None = "train",
+    item_key: str | None = "item_id",
+    max_position: int | None = None,
+    iterations: int = 300,
+    relevance_prior: float = 0.0,
+) -> np.ndarray:
+    """PBM examination propensities theta (``theta[0] == 1``) fitted on a data set's logs.
+
+    Fit on the training split: ``position_propensities(RerankDataset(path, split="train"))``.
+    Rows of other splits in ``dataset`` are skipped unless ``split`` is None. The item key is
+    the ``item_id`` column (identifies an item across requests); ``item_key=None`` uses
+    (request, candidate) instead, a relevance per impression under which EM cannot separate
+    position from relevance, so the fit falls back to per-position CTR (with a warning).
+    ``max_position`` defaults to the longest logged list; longer lists at evaluation use
+    ``theta[-1]`` beyond it. ``relevance_prior``: see ``fit_position_propensities`` (for logs
+    where items are seen only a few times each).
+    """
+    if "click" not in dataset._labels:
+        raise ValueError("position_propensities needs a 'click' label")
+    exposed = dataset._exposed
+    lengths = np.diff(exposed.offsets)
+    n_req = len(lengths)
+    request = np.repeat(np.arange(n_req), lengths)
+    position = np.arange(len(exposed.values)) - np.repeat(exposed.offsets[:-1], lengths)
+    clicks = dataset._labels["click"].values.astype(np.float64)
+    wanted = np.ones(n_req, dtype=bool)
+    if split is not None:
+        wanted = dataset.table.column("split").to_numpy(zero_copy_only=False) == split
+    keep = wanted[request]
+    if item_key is None:
+        keys = np.stack([request, exposed.values], axis=1)
+    else:
+        ids = dataset.table.column(item_key).combine_chunks()
+        cand_offsets = ids.offsets.to_numpy().astype(np.int64) - int(ids.offsets[0].as_py())
+        codes = pc.dictionary_encode(ids.flatten()).indices.to_numpy(zero_copy_only=False)
+        keys = codes[cand_offsets[request] + exposed.values]
+    if max_position is None:
+        max_position = int(lengths[wanted].max(initial=1))
+    return fit_position_propensities(
+        position[keep], clicks[keep], keys[keep], int(max_position), iterations,
+        relevance_prior=relevance_prior,
+    )
+
+
+def offline_metrics(
+    p: Predictions, ks: tuple[int, ...], propensities: np.ndarray | None = None
+) -> dict[str, float]:
+    """AUC, GAUC, LogLoss (click at logged positions); NDCG@k, Recall@k; list gain@m;
+    clicks@k of the decoded list and, given ``propensities`` (theta, e.g. from
+    :func:`position_propensities` on the training split), ips_clicks@k and
+    ips_clicks_ratio@k."""
     clicks = p.labels["click"]
     metrics: dict[str, float] = {}
     has_both = 0 < clicks[p.position_mask].sum() < p.position_mask.sum()
@@ -151,6 +217,16 @@ def offline_metrics(p: Predictions, ks: tuple[int, ...]) -> dict[str, float]:
     for k in ks:
         metrics[f"ndcg@{k}"] = float(ndcg_at_k(scores, cand_gain, p.candidate_mask, k))
         metrics[f"recall@{k}"] = float(recall_at_k(scores, cand_click, p.candidate_mask, k))
+        metrics[f"clicks@{k}"] = float(
+            list_clicks_at_k(p.lists, p.exposed, clicks, p.position_mask, k)
+        )
+        if propensities is not None:
+            metrics[f"ips_clicks@{k}"] = float(
+                ips_clicks_at_k(p.lists, p.exposed, clicks, p.position_mask, propensities, k)
+            )
+            metrics[f"ips_clicks_ratio@{k}"] = ips_clicks_ratio_at_k(
+                p.lists, p.exposed, clicks, p.position_mask, propensities, k
+            )
     # Gain of the model's own list, counting only labels the logs have (unexposed items: 0).
     listed = np.maximum(p.lists, 0)
     list_mask = p.lists >= 0

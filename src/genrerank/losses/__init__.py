@@ -27,6 +27,7 @@ from genrerank.data.dataset import Batch
 from genrerank.losses import (  # noqa: F401
     click,
     contrastive,
+    gain,
     length,
     likelihood,
     signals,
@@ -43,6 +44,7 @@ from genrerank.losses.base import (
 )
 from genrerank.losses.click import ClickBCELoss
 from genrerank.losses.contrastive import ContrastiveLoss
+from genrerank.losses.gain import GainBCELoss
 from genrerank.losses.length import ListLengthLoss
 from genrerank.losses.likelihood import LikelihoodLoss
 from genrerank.losses.unlikelihood import UnlikelihoodLoss
@@ -53,6 +55,7 @@ __all__ = [
     "ClickBCELoss",
     "CompositeLoss",
     "ContrastiveLoss",
+    "GainBCELoss",
     "LikelihoodLoss",
     "ListLengthLoss",
     "Loss",

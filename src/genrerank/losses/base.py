@@ -51,6 +51,9 @@ class ModelOutput:
         click_logits: ``[B, N, M]`` logit that candidate i is clicked if shown at position j,
             or None.
         length_logits: ``[B, L_max + 1]`` list-length classifier; class L = length L, or None.
+        logits: ``[B, N, M]`` the raw scores whose column-wise softmax gives ``log_probs``
+            (position effects may be added per column: the softmax ignores them), for losses
+            that read a score as a value rather than a probability (``gain_bce``), or None.
     """
 
     log_probs: torch.Tensor
@@ -58,6 +61,7 @@ class ModelOutput:
     position_repr: torch.Tensor | None = None
     click_logits: torch.Tensor | None = None
     length_logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 @dataclass

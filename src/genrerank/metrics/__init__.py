@@ -14,6 +14,12 @@ from genrerank.metrics.beyond_accuracy import (
     list_entropy,
 )
 from genrerank.metrics.classification import auc, gauc, logloss
+from genrerank.metrics.debiased import (
+    fit_position_propensities,
+    ips_clicks_at_k,
+    ips_clicks_ratio_at_k,
+    list_clicks_at_k,
+)
 from genrerank.metrics.ranking import (
     DEFAULT_GAIN_WEIGHTS,
     clicks_at_k,
@@ -31,8 +37,12 @@ __all__ = [
     "creator_entropy",
     "creator_exposure_gini",
     "exposure_share",
+    "fit_position_propensities",
     "gauc",
     "intra_list_diversity",
+    "ips_clicks_at_k",
+    "ips_clicks_ratio_at_k",
+    "list_clicks_at_k",
     "list_entropy",
     "list_gain",
     "logloss",

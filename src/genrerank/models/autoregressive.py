@@ -26,7 +26,7 @@ prefix at every step: the reference the cache must match exactly, and the latenc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ class AutoregressiveConfig:
     decoder_layers: int = 2
     ff_mult: int = 2
     dropout: float = 0.1
+    features: dict = field(default_factory=dict)  # FeatureConfig options
     max_positions: int = 0  # 0: the longest list in the data (spec.max_list_length)
 
 
@@ -95,7 +96,7 @@ class Autoregressive(RerankModel):
             raise ValueError(f"autoregressive: dim {d} is not divisible by n_heads "
                              f"{config.n_heads}")
         self.max_positions = config.max_positions or max(spec.max_list_length, 1)
-        self.features = FeatureEmbedding(spec, d, config.dropout)
+        self.features = FeatureEmbedding(spec, d, config.dropout, config.features)
         enc_layer = nn.TransformerEncoderLayer(d, config.n_heads, d * config.ff_mult,
                                                config.dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(enc_layer, config.encoder_layers,
@@ -167,6 +168,7 @@ class Autoregressive(RerankModel):
             item_repr=x,
             position_repr=hn,
             click_logits=click,
+            logits=logits,
         )
 
     # -- inference: step-by-step decoding ------------------------------------------------

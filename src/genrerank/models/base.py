@@ -62,6 +62,13 @@ class RerankModel(nn.Module):
             raise ValueError(f"model {self.name!r} reads no item features; nothing to embed")
         return features.item_static(item_cat, item_dense)
 
+    def fit_statistics(self, dataset: Any) -> None:
+        """Set data statistics (feature standardisation) from the TRAINING split; the shared
+        trainer calls this once before the first step of a fresh run."""
+        features = getattr(self, "features", None)
+        if features is not None and hasattr(features, "fit_statistics"):
+            features.fit_statistics(dataset)
+
     def input_limits(self) -> tuple[int | None, int | None]:
         """The most candidates and the longest list this model accepts (None: no limit):
         learned position tables cannot be indexed past their size."""
@@ -88,6 +95,8 @@ class RerankModel(nn.Module):
             out = self(batch, list_length=list_length)
         if decoder == "contrastive":
             params = {"item_repr": out.item_repr, **params}
+        if decoder == "satiation":
+            params = {"category": batch.category, **params}
         return decode(decoder, out.log_probs, batch.candidate_mask, list_length, **params)
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ class EvaluatorConfig:
     max_positions: int = 0  # 0: the longest list in the data (spec.max_list_length)
     causal: bool = True  # False: bidirectional attention over the list
     standardize: bool = True  # standardize dense inputs (batch-norm statistics) before embedding
+    features: dict = field(default_factory=dict)  # FeatureConfig options
 
 
 def compact_lists(lists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +107,11 @@ class ListEvaluator(RerankModel):
             )
         self.gain_weights = {s: float(DEFAULT_GAIN_WEIGHTS[s]) for s in self.signals}
         self.max_positions = config.max_positions or max(spec.max_list_length, 1)
-        self.features = FeatureEmbedding(spec, d, config.dropout)
+        # The evaluator standardises its dense inputs itself (running statistics, _standardize),
+        # so the shared embedding must not do it a second time.
+        features = {**config.features, "standardize": False} if config.standardize \
+            else config.features
+        self.features = FeatureEmbedding(spec, d, config.dropout, features)
         # Running mean / variance of the dense inputs (+1: the upstream score), see _standardize.
         self.item_norm = nn.BatchNorm1d(len(spec.item_dense) + 1, affine=False) \
             if config.standardize else None

@@ -19,7 +19,7 @@ a click probability for every exposed item at its logged position) and a list-le
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ class NAR4RecConfig:
     decoder_layers: int = 1
     ff_mult: int = 2
     dropout: float = 0.1
+    features: dict = field(default_factory=dict)  # FeatureConfig options
     max_positions: int = 0  # 0: the longest list in the data (spec.max_list_length)
 
 
@@ -52,7 +53,7 @@ class NAR4Rec(RerankModel):
         if d % config.heads:
             raise ValueError(f"nar4rec: dim {d} is not divisible by heads {config.heads}")
         self.max_positions = config.max_positions or max(spec.max_list_length, 1)
-        self.features = FeatureEmbedding(spec, d, config.dropout)
+        self.features = FeatureEmbedding(spec, d, config.dropout, config.features)
 
         def layer(cls: type) -> nn.Module:
             return cls(d, config.heads, d * config.ff_mult, config.dropout, batch_first=True,
@@ -105,4 +106,5 @@ class NAR4Rec(RerankModel):
             position_repr=self.positions[:m],
             click_logits=click,
             length_logits=self.length_head(pooled),
+            logits=scores,
         )

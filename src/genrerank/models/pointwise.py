@@ -8,7 +8,7 @@ the shared losses, decoders and metrics apply unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,7 +29,8 @@ def item_scores_output(
     log_probs = torch.log_softmax(scores, dim=1).unsqueeze(-1).expand(-1, -1, m)
     # The click logit of an item at a position: its score plus that position's bias.
     click = scores.masked_fill(~cand_mask, 0.0).unsqueeze(-1) + position_bias[:m]
-    return ModelOutput(log_probs=log_probs, item_repr=item_repr, click_logits=click)
+    return ModelOutput(log_probs=log_probs, item_repr=item_repr, click_logits=click,
+                       logits=click)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PointwiseConfig:
     hidden: int = 128
     layers: int = 2
     dropout: float = 0.1
+    features: dict = field(default_factory=dict)  # FeatureConfig options
     max_positions: int = 0
 
 
@@ -47,7 +49,7 @@ class Pointwise(RerankModel):
 
     def __init__(self, spec: FeatureSpec, config: PointwiseConfig) -> None:
         super().__init__(spec, config)
-        self.features = FeatureEmbedding(spec, config.dim, config.dropout)
+        self.features = FeatureEmbedding(spec, config.dim, config.dropout, config.features)
         blocks: list[nn.Module] = []
         width = config.dim
         for _ in range(config.layers):

@@ -8,7 +8,7 @@ self-attention over candidates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class PRMConfig:
     layers: int = 2
     ff_mult: int = 2
     dropout: float = 0.1
+    features: dict = field(default_factory=dict)  # FeatureConfig options
     max_candidates: int = 0  # 0: the largest n in the data
     max_positions: int = 0
 
@@ -39,7 +40,7 @@ class PRM(RerankModel):
     def __init__(self, spec: FeatureSpec, config: PRMConfig) -> None:
         super().__init__(spec, config)
         d = config.dim
-        self.features = FeatureEmbedding(spec, d, config.dropout)
+        self.features = FeatureEmbedding(spec, d, config.dropout, config.features)
         self.input_rank = nn.Embedding(config.max_candidates or max(spec.max_candidates, 1), d)
         layer = nn.TransformerEncoderLayer(d, config.heads, d * config.ff_mult, config.dropout,
                                            batch_first=True, norm_first=True)

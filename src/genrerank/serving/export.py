@@ -155,6 +155,7 @@ def synthetic_requests(
         * cand_mask.unsqueeze(-1),
         "upstream_score": torch.randn(b, n, generator=g) * cand_mask,
         "candidate_mask": cand_mask,
+        "category": torch.randint(0, max(spec.n_categories, 1), (b, n), generator=g) * cand_mask,
         "position_mask": torch.ones(b, m, dtype=torch.bool),
     }
 
@@ -178,10 +179,10 @@ class MatrixGraph(nn.Module):
 
     def forward(self, user_cat: torch.Tensor, user_dense: torch.Tensor,
                 item_static: torch.Tensor, upstream_score: torch.Tensor,
-                candidate_mask: torch.Tensor, position_mask: torch.Tensor
+                candidate_mask: torch.Tensor, category: torch.Tensor, position_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask,
-                           position_mask)
+                           position_mask, category=category)
         out = self.model(batch)
         return out.log_probs, out.click_logits, out.item_repr
 
@@ -195,11 +196,13 @@ class EvaluatorGraph(nn.Module):
 
     def forward(self, user_cat: torch.Tensor, user_dense: torch.Tensor,
                 item_static: torch.Tensor, upstream_score: torch.Tensor,
-                candidate_mask: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+                candidate_mask: torch.Tensor, category: torch.Tensor, lists: torch.Tensor
+                ) -> torch.Tensor:
         from genrerank.models.evaluator import compact_lists
 
         ev = self.model
-        batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask)
+        batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask,
+                           category=category)
         b, k, m = lists.shape
         compact, filled, _ = compact_lists(lists.reshape(b * k, m))
         tokens = ev._tokens(batch)
@@ -222,9 +225,10 @@ class AREncoderGraph(nn.Module):
 
     def forward(self, user_cat: torch.Tensor, user_dense: torch.Tensor,
                 item_static: torch.Tensor, upstream_score: torch.Tensor,
-                candidate_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                candidate_mask: torch.Tensor, category: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ar = self.model
-        batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask)
+        batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask,
+                           category=category)
         x = ar.encode(batch)
         memory_kv = [layer.memory_kv(x) for layer in ar.layers]
         keys = ar.pointer_key(x)
@@ -295,11 +299,12 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
     program.save(str(path))
 
 
-REQUEST_INPUTS = ["user_cat", "user_dense", "item_static", "upstream_score", "candidate_mask"]
+REQUEST_INPUTS = ["user_cat", "user_dense", "item_static", "upstream_score", "candidate_mask",
+                  "category"]
 REQUEST_AXES = {
     "user_cat": {0: "batch"}, "user_dense": {0: "batch"},
     "item_static": {0: "batch", 1: "n"}, "upstream_score": {0: "batch", 1: "n"},
-    "candidate_mask": {0: "batch", 1: "n"},
+    "candidate_mask": {0: "batch", 1: "n"}, "category": {0: "batch", 1: "n"},
 }
 
 
@@ -307,7 +312,7 @@ def _request_args(model: RerankModel, req: dict[str, torch.Tensor]) -> tuple[tor
     with torch.no_grad():
         static = model.item_embedding(req["item_cat"], req["item_dense"])
     return (req["user_cat"], req["user_dense"], static, req["upstream_score"],
-            req["candidate_mask"])
+            req["candidate_mask"], req["category"])
 
 
 def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tensor]

@@ -78,9 +78,14 @@ class OnnxModel:
 
     @staticmethod
     def request_feeds(user_cat: np.ndarray, user_dense: np.ndarray, item_static: np.ndarray,
-                      upstream_score: np.ndarray, candidate_mask: np.ndarray
-                      ) -> dict[str, np.ndarray]:
+                      upstream_score: np.ndarray, candidate_mask: np.ndarray,
+                      category: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Inputs of the per-request graphs; ``category`` (each candidate's category, for the
+        user-history affinity feature) defaults to 0 = unknown."""
+        if category is None:
+            category = np.zeros(np.shape(upstream_score), dtype=np.int64)
         return {
+            "category": np.ascontiguousarray(category, dtype=np.int64),
             "user_cat": np.ascontiguousarray(user_cat, dtype=np.int64),
             "user_dense": np.ascontiguousarray(user_dense, dtype=np.float32),
             "item_static": np.ascontiguousarray(item_static, dtype=np.float32),

@@ -51,9 +51,10 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
                                       req["item_dense"][mask].numpy())
     diffs["item_static"] = _finite_max_diff(onnx_static, static[mask].numpy())
     feeds = OnnxModel.request_feeds(req["user_cat"].numpy(), req["user_dense"].numpy(),
-                                    static.numpy(), req["upstream_score"].numpy(), mask.numpy())
+                                    static.numpy(), req["upstream_score"].numpy(), mask.numpy(),
+                                    req["category"].numpy())
     batch = make_batch(req["user_cat"], req["user_dense"], static, req["upstream_score"], mask,
-                       req["position_mask"])
+                       req["position_mask"], category=req["category"])
     lists_identical = True
     with torch.inference_mode():
         if model.kind == "evaluator":
@@ -68,7 +69,8 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
             lists_identical = bool(np.array_equal(got_lists, ref_lists.numpy()))
             # Log-probabilities of the same choices under teacher forcing in PyTorch.
             forced = make_batch(req["user_cat"], req["user_dense"], static,
-                                req["upstream_score"], mask, ref_lists >= 0)
+                                req["upstream_score"], mask, ref_lists >= 0,
+                                category=req["category"])
             forced.exposed = ref_lists.clamp_min(0)
             lp = model(forced).log_probs
             ref_lp = lp.gather(1, forced.exposed.unsqueeze(1)).squeeze(1)
@@ -93,6 +95,8 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
             name, params = decoder_config(manifest.get("decode") or {})
             if name == "contrastive":
                 params["item_repr"] = out.item_repr
+            if name == "satiation":
+                params["category"] = req["category"]
             ref_lists = best_lists(decode(name, out.log_probs, mask, m, **params))
             if name == "contrastive":
                 params["item_repr"] = torch.from_numpy(got[2])
@@ -101,7 +105,7 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
         # The cached item embeddings must not change what the model computes from raw features.
         raw = make_batch(req["user_cat"], req["user_dense"], None, req["upstream_score"], mask,
                          req["position_mask"], item_cat=req["item_cat"],
-                         item_dense=req["item_dense"])
+                         item_dense=req["item_dense"], category=req["category"])
         if model.kind != "evaluator" and not model.stepwise:
             diffs["raw_vs_cached_log_probs"] = _finite_max_diff(
                 model(raw).log_probs.numpy(), model(batch).log_probs.numpy())

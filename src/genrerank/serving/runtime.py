@@ -98,7 +98,8 @@ class TorchBackend:
         mask = torch.ones(1, inp.n, dtype=torch.bool)
         batch = make_batch(_t(inp.user_cat)[None], _t(inp.user_dense)[None], _t(static)[None],
                            _t(inp.upstream_score)[None], mask,
-                           torch.ones(1, inp.m, dtype=torch.bool))
+                           torch.ones(1, inp.m, dtype=torch.bool),
+                           category=_t(inp.category)[None])
         model = self.model
         if model.stepwise:
             out = model.generate(batch, inp.m, self.decoder, **self.decoder_params)
@@ -118,6 +119,8 @@ class TorchBackend:
         params = dict(self.decoder_params)
         if self.decoder == "contrastive":
             params["item_repr"] = out.item_repr
+        if self.decoder == "satiation":
+            params["category"] = batch.category
         lst = first_list(decode(self.decoder, out.log_probs, mask, inp.m, **params))
         probs = out.log_probs[0, torch.from_numpy(lst), torch.arange(inp.m)].exp().numpy()
         timings["decode"] = _ms(start)
@@ -153,7 +156,7 @@ class OnnxBackend:
         start = time.perf_counter()
         mask = np.ones((1, inp.n), dtype=np.bool_)
         feeds = self.onnx.request_feeds(inp.user_cat[None], inp.user_dense[None], static[None],
-                                        inp.upstream_score[None], mask)
+                                        inp.upstream_score[None], mask, inp.category[None])
         if self.onnx.stepwise:
             if self.decoder == "beam":
                 lists, lp = self.onnx.beam(feeds, inp.m,
@@ -168,6 +171,8 @@ class OnnxBackend:
         params = dict(self.decoder_params)
         if self.decoder == "contrastive":
             params["item_repr"] = torch.from_numpy(item_repr)
+        if self.decoder == "satiation":
+            params["category"] = _t(inp.category)[None]
         lp = torch.from_numpy(log_probs)
         lst = first_list(decode(self.decoder, lp, torch.from_numpy(mask), inp.m, **params))
         probs = np.exp(log_probs[0, lst, np.arange(inp.m)])

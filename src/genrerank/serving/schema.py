@@ -485,6 +485,12 @@ class RequestValidator:
         n_ic = len(self._item_cat_names)
         extra = iter(ints[n_ic:])
         zeros = np.zeros(n, dtype=np.int64)
+        category = next(extra).copy() if cands.category is not None else None
+        if category is None:
+            # Models read a candidate's category (user-history affinity): when the request
+            # leaves it out, an item feature named "category" is the same thing.
+            names = list(self._item_cat_names)
+            category = ints[names.index("category")].copy() if "category" in names else zeros
         return RerankInput(
             item_ids=list(ids),
             user_cat=user_cat,
@@ -492,7 +498,7 @@ class RequestValidator:
             item_cat=np.ascontiguousarray(ints[:n_ic].T),
             item_dense=np.ascontiguousarray(floats[1:].T),
             upstream_score=floats[0].copy(),
-            category=next(extra).copy() if cands.category is not None else zeros,
+            category=category,
             creator=next(extra).copy() if cands.creator is not None else zeros.copy(),
             m=m,
             strategy=strategy,

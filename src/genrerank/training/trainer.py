@@ -252,6 +252,11 @@ class Trainer:
         else:
             self._start_fresh()
             self.state = TrainerState()
+            # Feature statistics come from the training split only; a resumed run has them in
+            # its checkpoint already.
+            fit_statistics = getattr(self.model, "fit_statistics", None)
+            if fit_statistics is not None:
+                fit_statistics(self.train_data)
         self._trim_history(self.state.step)
 
         from torch.utils.tensorboard import SummaryWriter

@@ -160,3 +160,24 @@ def test_request_id_round_trip():
 def test_from_spec_rejects_foreign_specs():
     with pytest.raises(ValueError, match="not from the simulator"):
         Simulator.from_spec(FeatureSpec(source="avito"))
+
+
+def test_noise_free_appeal_and_learnable_ceilings(kuai, kuai_state):
+    clean = kuai.noise_free(kuai_state)
+    # What is left is the per-request match noise, N(0, match_std), hidden from models.
+    noise = kuai_state.appeal - clean.appeal
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - kuai.config.match_std) < 0.02
+    # Without match noise, the noise-free appeal is the appeal itself.
+    quiet = Simulator("kuaishou", seed=11, overrides={"match_std": 0.0})
+    state = quiet.requests(np.arange(50))
+    np.testing.assert_allclose(quiet.noise_free(state).appeal, state.appeal)
+    ceilings = kuai.learnable_ceilings(kuai_state, beam_width=4)
+    _, upper = kuai.upper_bound(kuai_state, beam_width=4)
+    sorted_by_truth = kuai.expected_gain(kuai_state, kuai.true_appeal_sort(kuai_state))
+    # The learnable lists are judged under the TRUE state. The upper bound is itself a beam
+    # search (a lower bound on the optimum), so a single request may beat it; on average the
+    # ceilings stay below it, and knowing less than the truth, the noise-free sort is below the
+    # true-appeal sort.
+    assert ceilings["sort"].mean() < upper.mean() and ceilings["beam"].mean() < upper.mean()
+    assert ceilings["sort"].mean() < sorted_by_truth.mean()
+    assert ceilings["beam"].mean() > ceilings["sort"].mean()

@@ -25,6 +25,7 @@ Scoring:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,34 @@ class Simulator:
         """[B, m] candidates ordered by upstream score (the ranking stage's own order)."""
         m = m or self.config.list_length
         return np.argsort(-state.upstream, axis=1, kind="stable")[:, :m]
+
+    def noise_free(self, state: RequestState) -> RequestState:
+        """``state`` with each candidate's appeal stripped of its per-request match noise: the
+        user's taste for the category plus the item's quality (and the creator shifts). What a
+        model that knew the user and the item perfectly could know; the noise is hidden from
+        every model by design (the features reveal the taste and the quality only in part)."""
+        cfg = self.config
+        appeal = (
+            cfg.base_logit
+            + np.take_along_axis(state.taste, state.category, axis=1)
+            + state.quality
+            + cfg.cold_start_appeal_shift * state.is_cold_start
+            + cfg.long_tail_appeal_shift * state.is_long_tail
+        )
+        return dataclasses.replace(state, appeal=appeal)
+
+    def learnable_ceilings(
+        self, state: RequestState, beam_width: int = 16, m: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """[B] true expected gains of the two learnable-ceiling lists: ``sort`` orders the
+        candidates by their noise-free appeal (:meth:`noise_free`), ``beam`` searches under the
+        true list model on that appeal. Both lists are scored under the TRUE state. Never visible
+        to models: these rows tell how much of the headroom any model could reach."""
+        m = m or self.config.list_length
+        clean = self.noise_free(state)
+        sort = self.true_appeal_sort(clean, m)
+        beam, _ = self.upper_bound(clean, beam_width=beam_width, m=m)
+        return {"sort": self.expected_gain(state, sort), "beam": self.expected_gain(state, beam)}
 
     def upper_bound(
         self,

@@ -1,0 +1,124 @@
+"""The shared feature module: standardisation, within-request context, affinity, padding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from genrerank.data.dataset import Batch
+from genrerank.data.schema import CategoricalFeature, FeatureSpec
+from genrerank.modules.features import (
+    FeatureConfig,
+    FeatureEmbedding,
+    category_history_columns,
+    request_context,
+)
+
+SPEC = FeatureSpec(
+    source="test",
+    user_categorical=[CategoricalFeature("segment", 3)],
+    user_dense=["activity", "hist_cat_1", "hist_cat_2"],
+    item_categorical=[CategoricalFeature("category", 4)],
+    item_dense=["duration"],
+    n_categories=4,
+)
+
+
+def batch(b: int = 2, n: int = 5, pad_from: int | None = None) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    if pad_from is not None:
+        mask[:, pad_from:] = False
+    category = torch.randint(1, 4, (b, n), generator=g)
+    return Batch(
+        request_index=torch.arange(b), user_cat=torch.randint(0, 3, (b, 1), generator=g),
+        user_dense=torch.rand(b, 3, generator=g) * 10, item_cat=category.unsqueeze(-1),
+        item_dense=torch.randn(b, n, 1, generator=g) * 100 + 50,
+        upstream_score=torch.randn(b, n, generator=g), category=category,
+        creator=torch.zeros(b, n, dtype=torch.long),
+        is_cold_start=torch.zeros(b, n, dtype=torch.bool),
+        is_long_tail=torch.zeros(b, n, dtype=torch.bool), candidate_mask=mask,
+        exposed=torch.zeros(b, 1, dtype=torch.long), position_mask=torch.ones(b, 1, dtype=bool),
+        labels={},
+    )
+
+
+def test_request_context_hand_computed_and_padding_ignored() -> None:
+    scores = torch.tensor([[3.0, 1.0, 2.0, 99.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    ctx = request_context(scores, mask)
+    z = (torch.tensor([3.0, 1.0, 2.0]) - 2.0) / torch.tensor([3.0, 1.0, 2.0]).std(unbiased=False)
+    torch.testing.assert_close(ctx[0, :3, 0], z, atol=1e-5, rtol=0)
+    # ranks 0, 2, 1 (the padded 99 never outranks a real candidate); padding is zero.
+    torch.testing.assert_close(ctx[0, :3, 1], torch.log1p(torch.tensor([0.0, 2.0, 1.0])))
+    assert ctx[0, 3].abs().sum() == 0
+    # Ties share a rank (two candidates above the third: log(1 + 2)).
+    tied = request_context(torch.tensor([[1.0, 1.0, 0.0]]), torch.ones(1, 3, dtype=torch.bool))
+    assert tied[0, 0, 1] == tied[0, 1, 1] == 0 and tied[0, 2, 1] == pytest.approx(1.0986, 1e-4)
+
+
+def test_history_columns_and_affinity_gather() -> None:
+    torch.testing.assert_close(category_history_columns(SPEC), torch.tensor([-1, 1, 2, -1]))
+    emb = FeatureEmbedding(SPEC, 8)
+    b = batch()
+    aff = emb._affinity(b)
+    for r in range(2):
+        for i in range(5):
+            c = int(b.category[r, i])
+            expected = float(b.user_dense[r, c]) if c in (1, 2) else 0.0
+            assert aff[r, i, 0].item() == pytest.approx(expected)
+            assert aff[r, i, 1].item() == float(c in (1, 2))
+
+
+def test_standardisation_uses_training_statistics() -> None:
+    class Train:  # the two flat arrays fit_statistics reads from a RerankDataset
+        _item_dense = type("R", (), {"values": torch.tensor([[1.0], [3.0]]).numpy()})
+        _per_candidate = {"upstream_score": type("R", (), {"values": torch.tensor(
+            [0.0, 4.0]).numpy()})}
+        _user_dense = type("R", (), {"values": torch.tensor([[0.0, 1, 1], [2, 1, 1]]).numpy()})
+
+        def __len__(self) -> int:
+            return 2
+
+    emb = FeatureEmbedding(SPEC, 8)
+    emb.fit_statistics(Train())
+    torch.testing.assert_close(emb.item_mean, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(emb.item_std, torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(emb.user_mean, torch.tensor([1.0, 1.0, 1.0]))
+    # A constant feature is centred, not divided by ~0.
+    assert emb.user_std[1] >= 1e-3
+    off = FeatureEmbedding(SPEC, 8, config={"standardize": False})
+    off.fit_statistics(Train())
+    torch.testing.assert_close(off.item_std, torch.ones(2))
+
+
+@pytest.mark.parametrize("options", [{}, {"request_context": False, "affinity": False,
+                                          "interaction": False}])
+def test_padding_changes_no_real_token(options: dict) -> None:
+    torch.manual_seed(0)
+    emb = FeatureEmbedding(SPEC, 8, config=options).eval()
+    small = batch(n=5)
+    padded = batch(n=5, pad_from=3)
+    # The same first 3 candidates, then 2 padded slots holding junk.
+    cut = dataclasses.replace(
+        small, **{f: getattr(small, f)[:, :3] for f in
+                  ("item_cat", "item_dense", "upstream_score", "category", "creator",
+                   "is_cold_start", "is_long_tail", "candidate_mask")})
+    padded.item_dense[:, 3:] = 1e6
+    padded.upstream_score[:, 3:] = 1e6
+    tokens_cut, _ = emb(cut)
+    tokens_pad, _ = emb(padded)
+    torch.testing.assert_close(tokens_pad[:, :3], tokens_cut, atol=1e-5, rtol=1e-5)
+    assert tokens_pad[:, 3:].abs().sum() == 0
+
+
+def test_feature_config_errors() -> None:
+    with pytest.raises(ValueError, match="unknown option"):
+        FeatureConfig.from_dict({"standardise": True})
+    with pytest.raises(ValueError, match="true or false"):
+        FeatureConfig.from_dict({"affinity": 1})
+    # No history columns: the affinity part is simply absent.
+    plain = dataclasses.replace(SPEC, user_dense=["activity"])
+    assert FeatureEmbedding(plain, 8).affinity is None
