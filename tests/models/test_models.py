@@ -94,3 +94,28 @@ def test_logging_model_is_the_upstream_order(data: RerankDataset) -> None:
     lists = greedy(out.log_probs, batch.candidate_mask, 6)
     expected = upstream_order(batch.upstream_score.numpy(), batch.candidate_mask.numpy(), 6)
     assert lists.tolist() == expected.tolist()
+
+
+def test_list_length_head_sets_the_length_when_the_request_does_not() -> None:
+    from genrerank.data.schema import CategoricalFeature, FeatureSpec
+    from genrerank.losses import ModelOutput
+    from genrerank.models import build_model
+    from genrerank.models.base import predicted_lengths
+    from tests.losses._helpers import make_batch as loss_batch
+
+    spec = FeatureSpec(source="t", user_dense=["a"],
+                       item_categorical=[CategoricalFeature("category", 3)],
+                       item_dense=["d"], max_list_length=4, n_categories=3)
+    model = build_model("nar4rec", spec, {"dim": 8, "heads": 2}).eval()
+    batch = loss_batch([5, 2], [[0, 1], [1]])
+    with torch.no_grad():
+        model.length_head.weight.zero_()
+        model.length_head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0]))  # length 3
+    lists = model.generate(batch, None, "greedy")
+    # Length 3 where 5 candidates allow it; the second request has only 2 candidates.
+    assert (lists >= 0).sum(1).tolist() == [3, 2]
+    out = ModelOutput(log_probs=torch.zeros(2, 5, 4), length_logits=torch.tensor(
+        [[9.0, 0, 0, 0, 0], [0, 0, 0, 0, 9.0]]))
+    assert predicted_lengths(out, batch).tolist() == [1, 2]  # at least 1, at most n
+    with pytest.raises(ValueError, match="no list-length head"):
+        predicted_lengths(ModelOutput(log_probs=torch.zeros(2, 5, 4)), batch)

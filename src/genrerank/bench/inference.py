@@ -90,6 +90,8 @@ def _untrained_run(name: str, spec: Any, run_dir: Path, seed: int) -> Path:
     model = build_bench_model(name, spec, seed)
     save_checkpoint(run_dir / "best", model, {"epoch": 0, "step": 0})
     decode = dict(resolve_config(name)["decode"])
+    if decode.get("name") == "auto":  # a training-time choice: time the generators' usual one
+        decode = {"name": "greedy"} if model.stepwise else {"name": "contrastive", "alpha": "auto"}
     if decode.get("alpha") == "auto":  # a training-time choice; any alpha costs the same
         decode["alpha"] = 0.05
     decode.pop("selection", None)

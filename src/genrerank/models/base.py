@@ -80,16 +80,22 @@ class RerankModel(nn.Module):
 
     @torch.inference_mode()
     def generate(
-        self, batch: Batch, list_length: int | torch.Tensor, decoder: str = "greedy",
+        self, batch: Batch, list_length: int | torch.Tensor | None, decoder: str = "greedy",
         **params: Any,
     ) -> torch.Tensor | DecodedLists:
         """Lists for ``batch``: ``[B, m]`` (single-list decoders) or DecodedLists ``[B, K, m]``.
 
         Matrix models decode their ``[B, N, M]`` log-probabilities with a named decoder from
         :mod:`genrerank.decoding`; autoregressive models override this and decode step by step.
-        ``list_length`` follows the decoders' convention (an int, or per-request lengths ``[B]``).
+        ``list_length`` follows the decoders' convention (an int, or per-request lengths ``[B]``);
+        ``None`` lets a model with a list-length head choose each request's length (see
+        :meth:`predicted_lengths`).
         """
-        if isinstance(list_length, torch.Tensor):
+        if list_length is None:
+            # Every position column is computed; each request keeps its predicted length.
+            out = self(batch, list_length=self.input_limits()[1])
+            list_length = predicted_lengths(out, batch)
+        elif isinstance(list_length, torch.Tensor):
             out = self(batch)  # per-request lengths: the batch's own positions
         else:
             out = self(batch, list_length=list_length)
@@ -98,6 +104,18 @@ class RerankModel(nn.Module):
         if decoder == "satiation":
             params = {"category": batch.category, **params}
         return decode(decoder, out.log_probs, batch.candidate_mask, list_length, **params)
+
+
+def predicted_lengths(out: Any, batch: Batch) -> torch.Tensor:
+    """``[B]`` list lengths from a model's list-length head (``ModelOutput.length_logits``,
+    trained by the ``list_length`` loss): the most likely length, at least 1 and at most the
+    request's candidates and the matrix's positions."""
+    logits = getattr(out, "length_logits", None)
+    if logits is None:
+        raise ValueError("this model has no list-length head: pass list_length")
+    width = out.log_probs.shape[2]
+    lengths = logits[:, : width + 1].argmax(1)
+    return torch.minimum(lengths.clamp_min(1), batch.candidate_mask.sum(1)).clamp_max(width)
 
 
 def make_config(cls: type, values: dict[str, Any] | None) -> Any:
