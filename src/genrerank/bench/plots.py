@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -18,9 +19,18 @@ MODEL_COLORS = {
     "pointwise": "#4c72b0",
     "prm": "#55a868",
     "nar4rec": "#c44e52",
-    "nar4rec_likelihood": "#dd8452",
-    "nar4rec_no_contrastive": "#8172b3",
+    "nar4rec_unlikelihood": "#dd8452",
     "autoregressive": "#937860",
+    "pointwise_satiation": "#8172b3",
+    "learnable ceiling: sort": "#dddddd",
+    "learnable ceiling: beam": "#bbbbbb",
+}
+#: Ablation variants of the quality benchmark and their bar labels.
+ABLATION_LABELS = {
+    "nar4rec": "nar4rec\n(gain_bce)", "nar4rec_unlikelihood": "nar4rec\n(unlikelihood)",
+    "pointwise": "pointwise\n(all features)", "pointwise_no_features": "no\nfeatures",
+    "pointwise_no_standardize": "no\nstandardize", "pointwise_no_request_context": "no\ncontext",
+    "pointwise_no_affinity": "no\naffinity", "pointwise_no_interaction": "no\ninteraction",
 }
 FAMILY_COLORS = {"mmr": "#55a868", "perturb": "#8c8c8c", "nar4rec": "#c44e52",
                  "autoregressive": "#937860", "mix": "#4c72b0"}
@@ -74,9 +84,11 @@ def plot_quality(result: Mapping[str, Any], path: str | Path) -> Path:
 
     ax = axes[0][0]
     if "summary" in main and main.get("simulated"):
-        models = [m for m in MODEL_COLORS if m in main["summary"] and "_" not in m]
+        models = [m for m in MODEL_COLORS if m in main["summary"]
+                  and m != "nar4rec_unlikelihood"]
         stats = [_stat(main["summary"], m, "online", "expected_gain") for m in models]
-        _bars(ax, models, [s[0] for s in stats], [s[1] for s in stats],
+        _bars(ax, [m.replace("learnable ceiling: ", "ceiling:\n").replace("_", "\n")
+                   for m in models], [s[0] for s in stats], [s[1] for s in stats],
               [MODEL_COLORS[m] for m in models])
         upper, _ = _stat(main["summary"], "logging", "online", "upper_bound_expected_gain")
         if upper == upper:
@@ -91,7 +103,7 @@ def plot_quality(result: Mapping[str, Any], path: str | Path) -> Path:
 
     ax = axes[0][1]
     sim = [n for n, e in datasets.items() if e.get("simulated") and "summary" in e]
-    models = ["pointwise", "prm", "nar4rec"]
+    models = ["pointwise", "pointwise_satiation", "prm", "nar4rec", "autoregressive"]
     width = 0.8 / max(len(sim), 1)
     for k, name in enumerate(sim):
         stats = [_stat(datasets[name]["summary"], m, "online", "headroom_captured")
@@ -101,7 +113,7 @@ def plot_quality(result: Mapping[str, Any], path: str | Path) -> Path:
                label=name, edgecolor="black", linewidth=0.5,
                color=["#4c72b0", "#dd8452", "#55a868", "#8172b3"][k % 4])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(models)), models)
+    ax.set_xticks(range(len(models)), [m.replace("_", "\n") for m in models])
     ax.set_title("headroom captured: (policy - logging) / (upper bound - logging)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -110,14 +122,20 @@ def plot_quality(result: Mapping[str, Any], path: str | Path) -> Path:
 
     ax = axes[1][0]
     if "summary" in main:
-        variants = [v for v in ("nar4rec", "nar4rec_likelihood", "nar4rec_no_contrastive")
-                    if v in main["summary"]]
+        # The ablations ran on the first seed(s) only: compare them on those seeds.
+        first = set(result.get("seeds", [])[: result["settings"].get("ablation_seeds", 1)])
+        variants = [v for v in ABLATION_LABELS if v in main.get("runs", {})]
         metric = ("online", "expected_gain") if main.get("simulated") else ("offline", "auc")
-        stats = [_stat(main["summary"], v, *metric) for v in variants]
-        _bars(ax, ["unlikelihood (default)", "likelihood", "no contrastive"][: len(variants)],
-              [s[0] for s in stats], [s[1] for s in stats],
-              [MODEL_COLORS[v] for v in variants])
-        ax.set_title(f"{ds_name}: loss ablations of nar4rec ({metric[1]})")
+        stats = []
+        for v in variants:
+            values = [r.get(metric[0], {}).get(metric[1]) for r in main["runs"][v]
+                      if r["seed"] in first]
+            values = [x for x in values if x is not None]
+            stats.append((float(np.mean(values)) if values else float("nan"), 0.0))
+        _bars(ax, [ABLATION_LABELS[v] for v in variants], [s[0] for s in stats],
+              [s[1] for s in stats],
+              [MODEL_COLORS.get(v, MODEL_COLORS["pointwise"]) for v in variants])
+        ax.set_title(f"{ds_name}: ablations, seed(s) {sorted(first)} ({metric[1]})")
         _reference(ax, main["summary"], metric)
         stats.append(_stat(main["summary"], "logging", *metric))
         lows = [s[0] - s[1] for s in stats if s[0] == s[0]]
@@ -130,9 +148,9 @@ def plot_quality(result: Mapping[str, Any], path: str | Path) -> Path:
         names = list(decoding)
         metric = ("online", "expected_gain") if main.get("simulated") else ("offline", "auc")
         stats = [_stat(decoding, d, *metric) for d in names]
-        alphas = [r.get("alpha_selection", {}) or {} for r in main["runs"].get("nar4rec", [])]
-        chosen = sorted({a.get("chosen") for a in alphas if a})
-        labels = [f"contrastive\n(alpha {'/'.join(str(c) for c in chosen)})"
+        chosen = sorted({(r.get("decode_selection") or {}).get("chosen", "")
+                         for r in main["runs"].get("nar4rec", [])} - {""})
+        labels = [f"chosen on valid\n({' / '.join(c.split('(')[0] for c in chosen)})"
                   if d == "contrastive" else d for d in names]
         _bars(ax, labels, [s[0] for s in stats], [s[1] for s in stats],
               [DECODER_COLOR] * len(names))
