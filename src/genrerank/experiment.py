@@ -152,16 +152,9 @@ class ListScorer:
         """For the trainer: ``list_score`` of greedy lists after each evaluation."""
 
         def fn(model: torch.nn.Module, loader: Any) -> dict[str, float]:
-            decoder = "greedy"
-            return {"list_score": self(model, decoder, {})}
+            return {"list_score": self(model, "greedy", {})}
 
         return fn
-
-
-def validation_score(model: torch.nn.Module, dataset: RerankDataset, decoder: str,
-                     params: dict[str, Any]) -> float:
-    """What decoding choices are selected on (see :class:`ListScorer`)."""
-    return ListScorer(dataset)(model, decoder, params)
 
 
 def decoder_candidates(model: torch.nn.Module) -> list[tuple[str, dict[str, Any]]]:
