@@ -78,13 +78,16 @@ def train_run(
     model_cfg = {k: v for k, v in cfg["model"].items() if k != "name"}
     model = build_model(model_name, train.spec, model_cfg)
     objective = build_objective(cfg["loss"])
-    validate_fn = None
+    # One scorer for model selection and the decoding choice: the oracle's world (or the
+    # propensities) is built once. Evaluators write no lists and need none.
+    scorer = validate_fn = None
     if getattr(model, "kind", "generator") == "generator":
-        validate_fn = ListScorer(valid, train).validate_fn()
+        scorer = ListScorer(valid, train)
+        validate_fn = scorer.validate_fn()
     trainer = Trainer(model, objective, train, valid, train_cfg, out_dir, validate_fn,
                       loss_config=cfg["loss"], overwrite=overwrite or resume)
     best = trainer.fit(resume=resume)
-    cfg["decode"] = select_decoding(model, valid, cfg["decode"], train)
+    cfg["decode"] = select_decoding(model, valid, cfg["decode"], train, scorer=scorer)
     atomic_write_json(Path(out_dir) / RUN_CONFIG, {**cfg, "data": str(data_dir)})
     return best
 
@@ -125,12 +128,7 @@ class ListScorer:
             self.sim = Simulator.from_spec(valid.spec)
             self.state = self.sim.requests(request_index(valid.request_ids))
         elif train is not None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.propensities = position_propensities(train)
-            except (ValueError, KeyError):
-                self.propensities = None  # e.g. no click at position 0: fall back
+            self.propensities = fit_propensities(train)
         self.k = top_k_cutoffs(valid)[0]
 
     @property
@@ -169,7 +167,7 @@ def decoder_candidates(model: torch.nn.Module) -> list[tuple[str, dict[str, Any]
 
 def select_decoding(
     model: torch.nn.Module, valid: RerankDataset, decode_cfg: dict[str, Any],
-    train: RerankDataset | None = None,
+    train: RerankDataset | None = None, *, scorer: ListScorer | None = None,
 ) -> dict[str, Any]:
     """Resolve ``"auto"`` decoding choices on the validation split (never on test): the
     decoder itself (``"name": "auto"``) or contrastive decoding's ``alpha``."""
@@ -186,7 +184,7 @@ def select_decoding(
         raise ValueError(f"decode: only one option can be 'auto', got {auto}")
     else:
         return decode_cfg
-    scorer = ListScorer(valid, train)
+    scorer = scorer or ListScorer(valid, train)
     scores = [(name, params, scorer(model, name, params)) for name, params in candidates]
     # Ties: the earlier (simpler) candidate.
     name, params, _ = max(scores, key=lambda c: (c[2], -scores.index(c)))
@@ -270,10 +268,16 @@ def train_propensities(data_dir: str | Path, dataset: RerankDataset) -> np.ndarr
     real logs (None for simulator data, which has the oracle, or when they cannot be fitted)."""
     if "simulator" in dataset.spec.extra:
         return None
+    return fit_propensities(RerankDataset(data_dir, split="train"))
+
+
+def fit_propensities(train: RerankDataset) -> np.ndarray | None:
+    """PBM propensities of a training split, or None when they cannot be fitted (e.g. no click
+    at position 0); the fit's own warnings are for interactive use, not for every run."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return position_propensities(RerankDataset(data_dir, split="train"))
+            return position_propensities(train)
     except (ValueError, KeyError):
         return None
 
