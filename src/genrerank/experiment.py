@@ -160,9 +160,12 @@ def decoder_candidates(model: torch.nn.Module) -> list[tuple[str, dict[str, Any]
     if getattr(model, "stepwise", False):
         return [("greedy", {}), ("beam", {"beam_width": 4, "k": 1})]
     # Contrastive decoding penalises similarity to the items already chosen in the model's own
-    # representation space; the satiation decoder in category space (a fixed similarity kernel).
+    # representation space; the satiation decoder in category space (a fixed similarity kernel);
+    # the context decoder applies the category-transition table the model learned.
+    learned = [("context", {})] if getattr(model, "list_context", None) is not None else []
     return [("greedy", {}), *[("contrastive", {"alpha": a}) for a in ALPHA_GRID if a > 0],
-            *[("satiation", {"penalty": p}) for p in PENALTY_GRID if p > 0], ("hungarian", {})]
+            *[("satiation", {"penalty": p}) for p in PENALTY_GRID if p > 0], *learned,
+            ("hungarian", {})]
 
 
 def select_decoding(

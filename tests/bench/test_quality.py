@@ -234,7 +234,12 @@ def test_variants_change_only_the_named_loss_terms() -> None:
     assert variant_overrides("pointwise") == ("pointwise", ())
     assert variant_overrides("pointwise_no_affinity") == (
         "pointwise", ("model.features.affinity=false",))
+    assert variant_overrides("pointwise_with_interaction") == (
+        "pointwise", ("model.features.interaction=true",))
+    assert variant_overrides("nar4rec_no_list_context") == (
+        "nar4rec", ("model.list_context=false",))
     model, off = variant_overrides("pointwise_no_features")
     assert model == "pointwise" and off == tuple(f"model.features.{f}=false" for f in FEATURES)
-    with pytest.raises(ValueError, match="unknown variant"):
-        variant_overrides("pointwise_no_colour")
+    for bad in ("pointwise_no_colour", "pointwise_with_features"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            variant_overrides(bad)

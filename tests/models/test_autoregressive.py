@@ -30,6 +30,10 @@ def _model(data: RerankDataset, **cfg: int) -> Autoregressive:
     torch.manual_seed(0)
     model = build_model("autoregressive", data.spec, {"dim": 32, "n_heads": 4, "n_kv_heads": 2,
                                                       **cfg})
+    if model.list_context is not None:  # zero at init: give it weight so every test covers it
+        with torch.no_grad():
+            model.list_context.pair.normal_(0.0, 1.0)
+            model.list_context.decay_logit.fill_(0.4)
     return model.eval()
 
 

@@ -119,3 +119,30 @@ def test_list_length_head_sets_the_length_when_the_request_does_not() -> None:
     assert predicted_lengths(out, batch).tolist() == [1, 2]  # at least 1, at most n
     with pytest.raises(ValueError, match="no list-length head"):
         predicted_lengths(ModelOutput(log_probs=torch.zeros(2, 5, 4)), batch)
+
+
+def test_nar4rec_list_context_shifts_only_the_teacher_forced_slot_scores(
+    data: RerankDataset,
+) -> None:
+    """The learned table enters the raw slot scores (what gain_bce fits, given the logged items
+    above each slot) and the ``context`` decoder; the distributions stay context-free."""
+    torch.manual_seed(0)
+    model = build_model("nar4rec", data.spec, small("nar4rec")).eval()
+    batch = collate([data[i] for i in range(4)])
+    plain = model(batch)
+    with torch.no_grad():
+        model.list_context.pair.normal_()
+    shifted = model(batch)
+    torch.testing.assert_close(shifted.log_probs, plain.log_probs)
+    want = plain.logits + model.list_context.teacher_forced(batch.category, batch.exposed,
+                                                           batch.position_mask)
+    torch.testing.assert_close(shifted.logits, want)
+    lists = model.generate(batch, 6, "context")
+    assert lists.shape == (4, 6) and (lists >= 0).all()
+    assert all(len(set(row.tolist())) == 6 for row in lists)
+
+
+def test_the_context_decoder_needs_a_learned_table(data: RerankDataset) -> None:
+    model = build_model("nar4rec", data.spec, {**small("nar4rec"), "list_context": False})
+    with pytest.raises(ValueError, match="list context"):
+        model.generate(collate([data[0]]), 6, "context")

@@ -94,8 +94,8 @@ def test_standardisation_uses_training_statistics() -> None:
     torch.testing.assert_close(off.item_std, torch.ones(2))
 
 
-@pytest.mark.parametrize("options", [{}, {"request_context": False, "affinity": False,
-                                          "interaction": False}])
+@pytest.mark.parametrize("options", [{}, {"interaction": True},
+                                     {"request_context": False, "affinity": False}])
 def test_padding_changes_no_real_token(options: dict) -> None:
     torch.manual_seed(0)
     emb = FeatureEmbedding(SPEC, 8, config=options).eval()

@@ -29,7 +29,8 @@ DECODERS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_run(run_dir: Path, model_name: str, spec: FeatureSpec, seed: int = 0) -> Path:
+def make_run(run_dir: Path, model_name: str, spec: FeatureSpec, seed: int = 0,
+             decode: dict[str, Any] | None = None) -> Path:
     """A run folder (best/ checkpoint + run_config.json) of a seeded, untrained model."""
     torch.manual_seed(seed)
     model = build_model(model_name, spec, SMALL_CONFIGS[model_name])
@@ -38,9 +39,13 @@ def make_run(run_dir: Path, model_name: str, spec: FeatureSpec, seed: int = 0) -
             if norm is not None:
                 norm.running_mean.uniform_(-1.0, 1.0)
                 norm.running_var.uniform_(0.5, 2.0)
+    if getattr(model, "list_context", None) is not None:  # zero at init: make it matter
+        with torch.no_grad():
+            model.list_context.pair.normal_(0.0, 1.0)
+            model.list_context.decay_logit.fill_(0.4)
     model.eval()
     save_checkpoint(run_dir / "best", model, {"epoch": 0, "step": 0})
-    decode = DECODERS.get(model_name, {"name": "greedy"})
+    decode = decode or DECODERS.get(model_name, {"name": "greedy"})
     (run_dir / "run_config.json").write_text(json.dumps({
         "model": {"name": model_name, **SMALL_CONFIGS[model_name]}, "decode": decode}))
     return run_dir

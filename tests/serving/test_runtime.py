@@ -25,6 +25,7 @@ from genrerank.serving.runtime import (
 )
 from genrerank.serving.schema import RequestValidator, payload_from_dataset
 from genrerank.serving.types import RerankInput, RerankResult
+from tests.serving._runs import make_run
 from tests.serving.test_export import shared_export, shared_run, simulated
 
 TOLERANCE = 1e-4
@@ -101,6 +102,32 @@ def test_torch_and_onnx_backends_serve_the_same_lists(
         assert got.strategy == name and got.model_version == onnx_rr.model_version
         assert got.list_score is None
         assert {"items", "model"} <= set(got.timings_ms)
+
+
+def test_the_learned_context_decoder_serves_the_same_lists_from_onnx(
+    tmp_path: Path, dataset: RerankDataset
+) -> None:
+    """NAR4Rec with the ``context`` decoder: serving reads the learned table from the manifest
+    and writes the lists PyTorch writes (the table is random, so it changes lists)."""
+    from genrerank.serving.export import export_run
+
+    run = make_run(tmp_path / "run", "nar4rec", dataset.spec, decode={"name": "context"})
+    report = export_run(run, tmp_path / "onnx")
+    torch_rr = load_reranker(run_dir=run)
+    onnx_rr = load_reranker(onnx_dir=tmp_path / "onnx")
+    assert torch_rr.backend.decoder == onnx_rr.backend.decoder == "context"
+    assert report["parity"]["lists_identical"]
+    # The same weights decoded greedily: the table must change some lists.
+    greedy_rr = load_reranker(run_dir=make_run(tmp_path / "greedy", "nar4rec", dataset.spec,
+                                                decode={"name": "greedy"}))
+    differs = 0
+    for index in range(len(dataset)):
+        inp = _request(torch_rr, dataset, index)
+        want, got = torch_rr.rerank(inp), onnx_rr.rerank(inp)
+        _same(got, want)
+        _assert_served(got, inp)
+        differs += greedy_rr.rerank(inp).item_ids != got.item_ids
+    assert differs > 0
 
 
 # --------------------------------------------------------------------------- item cache

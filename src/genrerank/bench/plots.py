@@ -31,6 +31,8 @@ ABLATION_LABELS = {
     "pointwise": "pointwise\n(all features)", "pointwise_no_features": "no\nfeatures",
     "pointwise_no_standardize": "no\nstandardize", "pointwise_no_request_context": "no\ncontext",
     "pointwise_no_affinity": "no\naffinity", "pointwise_no_interaction": "no\ninteraction",
+    "pointwise_with_interaction": "with\ninteraction",
+    "nar4rec_no_list_context": "nar4rec\n(no list\ncontext)",
 }
 FAMILY_COLORS = {"mmr": "#55a868", "perturb": "#8c8c8c", "nar4rec": "#c44e52",
                  "autoregressive": "#937860", "mix": "#4c72b0"}

@@ -60,6 +60,7 @@ from genrerank.experiment import (
     train_run,
 )
 from genrerank.models import MODELS as MODEL_REGISTRY
+from genrerank.modules.features import FeatureConfig
 from genrerank.training import load_model
 from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
@@ -78,12 +79,15 @@ ROWS = ("logging", "pointwise", "pointwise_satiation", "prm", "nar4rec", "autore
 #: Reference rows of the online tables (from the oracle, never visible to a model).
 CEILINGS = {"learnable ceiling: sort": "learnable_sort",
             "learnable ceiling: beam": "learnable_beam"}
-#: Features of the shared feature module, ablated one at a time on the pointwise model.
+#: Features of the shared feature module, ablated one at a time on the pointwise model: switched
+#: off where on by default, switched on where off by default (FeatureConfig's defaults).
 FEATURES = ("standardize", "request_context", "affinity", "interaction")
+FEATURE_VARIANTS = tuple(
+    f"pointwise_{'no' if getattr(FeatureConfig(), f) else 'with'}_{f}" for f in FEATURES)
 #: Generator families of the generator-evaluator K curve ("mix" = all of them, K shared).
 GE_FAMILIES = ("mmr", "perturb", "nar4rec", "autoregressive", "mix")
-ABLATIONS = ("nar4rec", "nar4rec_unlikelihood",
-             "pointwise_no_features", *(f"pointwise_no_{f}" for f in FEATURES))
+ABLATIONS = ("nar4rec", "nar4rec_unlikelihood", "nar4rec_no_list_context",
+             "pointwise_no_features", *FEATURE_VARIANTS)
 DECODING = ("greedy", "contrastive", "beam", "hungarian", "sample")
 #: Per-run numbers that are not metrics (kept in the runs, left out of the summaries).
 _NOT_METRICS = {"requests", "upper_bound_beam_width"}
@@ -160,12 +164,15 @@ def variant_overrides(variant: str) -> tuple[str, tuple[str, ...]]:
     """
     if variant in MODELS:
         return variant, ()
-    if variant.startswith("pointwise_no_"):
-        feature = variant.removeprefix("pointwise_no_")
-        off = FEATURES if feature == "features" else (feature,)
-        if not set(off) <= set(FEATURES):
+    if variant.startswith(("pointwise_no_", "pointwise_with_")):
+        _, switch, feature = variant.split("_", 2)
+        chosen = FEATURES if feature == "features" else (feature,)
+        if not set(chosen) <= set(FEATURES) or (switch == "with" and feature == "features"):
             raise ValueError(f"unknown variant {variant!r}")
-        return "pointwise", tuple(f"model.features.{f}=false" for f in off)
+        value = "true" if switch == "with" else "false"
+        return "pointwise", tuple(f"model.features.{f}={value}" for f in chosen)
+    if variant == "nar4rec_no_list_context":
+        return "nar4rec", ("model.list_context=false",)
     loss = resolve_config("nar4rec")["loss"]
     if variant in ("nar4rec_unlikelihood", "nar4rec_likelihood"):
         name = variant.removeprefix("nar4rec_")
@@ -1036,9 +1043,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                   "`nar4rec_unlikelihood`: the item-level `gain_bce` term replaced by the "
                   "paper's sequence unlikelihood (tau = median list utility of the train split; "
                   "`variant_overrides('nar4rec_likelihood')` gives plain likelihood, not run "
-                  "here for time). `pointwise_no_<feature>`: the pointwise model without that "
-                  "part of the shared feature module; `pointwise_no_features`: without all "
-                  "four.", ""]
+                  "here for time). `nar4rec_no_list_context`: without the learned "
+                  "category-transition table (and so without the `context` decoder). "
+                  "`pointwise_no_<feature>` / `pointwise_with_<feature>`: the pointwise model "
+                  "with that part of the shared feature module switched off / on (against its "
+                  "default); `pointwise_no_features`: without all four.", ""]
         if "decoding" in entry:
             lines += [f"## Decoding strategies ({ds}, default nar4rec runs, test split)", "",
                       _table(entry["decoding"]["summary"], DECODING, offline,

@@ -199,6 +199,7 @@ def list_log_prob(log_probs: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
 from genrerank.decoding import (  # noqa: E402, F401
     assignment,
     beam,
+    context,
     contrastive,
     greedy,
     sampling,

@@ -95,12 +95,9 @@ def predict(
         if getattr(model, "stepwise", False):
             lists = model.generate(batch, lengths, decoder, **decoder_params)
         else:
-            if decoder == "contrastive":
-                decoder_params["item_repr"] = out.item_repr
-            if decoder == "satiation":
-                decoder_params["category"] = batch.category
+            extra = model.decoder_inputs(decoder, batch, out)
             lists = decode(decoder, out.log_probs, batch.candidate_mask, lengths,
-                           **decoder_params)
+                           **{**extra, **decoder_params})
         if isinstance(lists, DecodedLists):
             lists = lists.lists[:, 0]  # best of K
         mass = torch.logsumexp(out.log_probs.masked_fill(~batch.position_mask[:, None, :],

@@ -8,8 +8,10 @@ Reading order:
    chosen at t - 1; plus a learned position embedding.
 3. Causal decoder: grouped-query self-attention over the positions written so far,
    cross-attention to ``X``, feed-forward (:mod:`genrerank.modules.attention`) -> ``h_t``.
-4. Pointer: ``score(i, t) = <W_q h_t, W_k X_i> / sqrt(d)``, softmax over the candidates that are
-   real and not yet chosen.
+4. Pointer: ``score(i, t) = <W_q h_t, W_k X_i> / sqrt(d) + context(i, t)``, softmax over the
+   candidates that are real and not yet chosen. ``context`` (:mod:`genrerank.modules.list_context`)
+   is a learned category-transition table with a decaying memory of the items above: satiation and
+   complementarity made explicit (``list_context: false`` drops it).
 
 Training is teacher-forced: ``forward`` feeds the LOGGED list and returns, for every position t,
 ``log p(candidate | logged items before t)`` as the usual ``[B, N, M]`` matrix, so the shared
@@ -38,6 +40,7 @@ from genrerank.losses.base import ModelOutput
 from genrerank.models.base import RerankModel, register_model
 from genrerank.modules.attention import KV, DecoderLayer
 from genrerank.modules.features import FeatureEmbedding
+from genrerank.modules.list_context import ListContext
 
 #: Decoders ``generate`` understands (the matrix decoders do not apply to a stepwise model).
 STEPWISE_DECODERS = ("greedy", "beam", "sample")
@@ -54,6 +57,7 @@ class AutoregressiveConfig:
     dropout: float = 0.1
     features: dict = field(default_factory=dict)  # FeatureConfig options
     max_positions: int = 0  # 0: the longest list in the data (spec.max_list_length)
+    list_context: bool = True  # learned category-transition term in the pointer score
 
 
 @dataclass
@@ -65,6 +69,8 @@ class _DecodeState:
     memory_kv: list[KV]  # per layer, cross-attention keys/values
     pointer_keys: torch.Tensor  # [R, N, d]
     candidate_mask: torch.Tensor  # [R, N]
+    category: torch.Tensor  # [R, N] each candidate's category (list context)
+    context: torch.Tensor  # [R, N] list-context term of each candidate at the next position
     chosen: torch.Tensor  # [R, N] bool, already in the list
     inputs: torch.Tensor  # [R, t, d] decoder inputs so far (recomputation without a cache)
     cache: list[KV] | None  # per layer, self-attention keys/values of positions < t
@@ -78,6 +84,8 @@ class _DecodeState:
             memory_kv=[(pick(k), pick(v)) for k, v in self.memory_kv],
             pointer_keys=pick(self.pointer_keys),
             candidate_mask=pick(self.candidate_mask),
+            category=pick(self.category),
+            context=pick(self.context),
             chosen=pick(self.chosen),
             inputs=pick(self.inputs),
             cache=None if self.cache is None else [(pick(k), pick(v)) for k, v in self.cache],
@@ -115,6 +123,7 @@ class Autoregressive(RerankModel):
         self.click_item = nn.Linear(d, d)
         self.click_pos = nn.Linear(d, d)
         self.click_bias = nn.Parameter(torch.zeros(self.max_positions))
+        self.list_context = ListContext(spec.n_categories) if config.list_context else None
 
     # -- shared pieces -------------------------------------------------------------------
 
@@ -158,6 +167,8 @@ class Autoregressive(RerankModel):
         before = (onehot.cumsum(2) - onehot.long()) > 0
         before = before & pos_mask.unsqueeze(1)
         logits = self._pointer_logits(h, self.pointer_key(x))
+        if self.list_context is not None:
+            logits = logits + self.list_context.teacher_forced(batch.category, exposed, pos_mask)
         logits = logits.masked_fill(before | ~cand_mask.unsqueeze(-1), float("-inf"))
 
         hn = self.out_norm(h)
@@ -182,6 +193,8 @@ class Autoregressive(RerankModel):
             memory_kv=[layer.memory_kv(x) for layer in self.layers],
             pointer_keys=self.pointer_key(x),
             candidate_mask=batch.candidate_mask,
+            category=batch.category,
+            context=x.new_zeros(batch.candidate_mask.shape),
             chosen=torch.zeros_like(batch.candidate_mask),
             inputs=x.new_zeros(b, 0, x.shape[-1]),
             cache=[] if use_cache else None,
@@ -196,33 +209,40 @@ class Autoregressive(RerankModel):
             token = self.start.expand(rows, d)
         else:
             token = self.item_in(state.memory[torch.arange(rows), previous])
+            if self.list_context is not None:
+                state.context = self.list_context.step(state.context, state.category, previous)
         new = (token + self.positions[t]).unsqueeze(1)  # [R, 1, d]
         state.inputs = torch.cat([state.inputs, new], dim=1)
         blocked = state.chosen | ~state.candidate_mask
         if state.cache is not None:
             log_probs, state.cache = self.cached_step(
                 new, state.cache or None, state.memory_kv, state.memory_mask,
-                state.pointer_keys, blocked)
+                state.pointer_keys, blocked, state.context)
             return log_probs
         # Recompute every position written so far, keep the last.
         h = state.inputs
         for i, layer in enumerate(self.layers):
             h = layer(h, state.memory_kv[i], state.memory_mask)
-        return self._masked_log_probs(self._pointer_logits(h[:, -1:], state.pointer_keys),
-                                      blocked)
+        logits = self._pointer_logits(h[:, -1:], state.pointer_keys) + state.context.unsqueeze(-1)
+        return self._masked_log_probs(logits, blocked)
 
     def cached_step(
         self, new: torch.Tensor, cache: list[KV] | None, memory_kv: list[KV],
         memory_mask: torch.Tensor, pointer_keys: torch.Tensor, blocked: torch.Tensor,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """One decoder position ``new [R, 1, d]`` against the per-layer KV ``cache`` (None at
         the first position): pointer log-probabilities ``[R, N]`` (``blocked`` candidates
-        excluded) and the grown cache. The ONNX step graph exports exactly this."""
+        excluded; ``context [R, N]`` added to the scores) and the grown cache. The ONNX step
+        graph exports exactly this."""
         h, grown = new, []
         for i, layer in enumerate(self.layers):
             h, kv = layer.step(h, None if cache is None else cache[i], memory_kv[i], memory_mask)
             grown.append(kv)
-        return self._masked_log_probs(self._pointer_logits(h, pointer_keys), blocked), grown
+        logits = self._pointer_logits(h, pointer_keys)
+        if context is not None:
+            logits = logits + context.unsqueeze(-1)
+        return self._masked_log_probs(logits, blocked), grown
 
     @staticmethod
     def _masked_log_probs(logits: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:

@@ -99,11 +99,30 @@ class RerankModel(nn.Module):
             out = self(batch)  # per-request lengths: the batch's own positions
         else:
             out = self(batch, list_length=list_length)
-        if decoder == "contrastive":
-            params = {"item_repr": out.item_repr, **params}
-        if decoder == "satiation":
-            params = {"category": batch.category, **params}
+        params = {**self.decoder_inputs(decoder, batch, out), **params}
         return decode(decoder, out.log_probs, batch.candidate_mask, list_length, **params)
+
+    def decoder_inputs(self, decoder: str, batch: Batch, out: Any) -> dict[str, Any]:
+        """What a named decoder reads besides the score matrix: contrastive the item vectors,
+        satiation and context the candidates' categories, context the model's learned list
+        context table (:mod:`genrerank.modules.list_context`)."""
+        extra: dict[str, Any] = {}
+        if decoder == "contrastive":
+            extra["item_repr"] = out.item_repr
+        if decoder in ("satiation", "context"):
+            extra["category"] = batch.category
+        if decoder == "context":
+            extra.update(list_context_params(self))
+        return extra
+
+
+def list_context_params(model: nn.Module) -> dict[str, Any]:
+    """``{"pair", "decay"}`` of a model's learned list context, for the ``context`` decoder."""
+    context = getattr(model, "list_context", None)
+    if context is None:
+        raise ValueError(f"decoder 'context' needs a model with a learned list context; "
+                         f"{getattr(model, 'name', type(model).__name__)!r} has none")
+    return {"pair": context.pair.detach(), "decay": float(context.decay.detach())}
 
 
 def predicted_lengths(out: Any, batch: Batch) -> torch.Tensor:

@@ -11,6 +11,12 @@ Reading order, as in the paper:
 4. Score matrix ``S = X P^T / sqrt(d)`` (``[B, N, M]``), a softmax over candidates in each column:
    ``p_ij`` = probability that candidate i fills position j. Padded candidates get -inf.
 
+List context (``list_context: true``, :mod:`genrerank.modules.list_context`): a learned
+category-transition table. In training, the raw score of each logged slot (``logits``, which the
+item-level ``gain_bce`` loss fits) adds the context of the logged items above it, so the table
+learns satiation and complementarity from the logs while ``log_probs`` stay context-free; the
+``context`` decoder then applies the table to the items it has chosen.
+
 Auxiliary heads: a click head on each (candidate, position) pair (so offline AUC / LogLoss have
 a click probability for every exposed item at its logged position) and a list-length head
 (variable m, the paper's Q&A).
@@ -29,6 +35,7 @@ from genrerank.data.schema import FeatureSpec
 from genrerank.losses.base import ModelOutput
 from genrerank.models.base import RerankModel, register_model
 from genrerank.modules.features import FeatureEmbedding
+from genrerank.modules.list_context import ListContext
 
 
 @dataclass
@@ -41,6 +48,7 @@ class NAR4RecConfig:
     dropout: float = 0.1
     features: dict = field(default_factory=dict)  # FeatureConfig options
     max_positions: int = 0  # 0: the longest list in the data (spec.max_list_length)
+    list_context: bool = True  # learned category-transition table (the ``context`` decoder)
 
 
 @register_model("nar4rec")
@@ -73,6 +81,7 @@ class NAR4Rec(RerankModel):
         self.click_pos = nn.Linear(d, d)
         self.click_bias = nn.Parameter(torch.zeros(self.max_positions))
         self.length_head = nn.Linear(d, self.max_positions + 1)
+        self.list_context = ListContext(spec.n_categories) if config.list_context else None
 
     def forward(self, batch: Batch, list_length: int | None = None) -> ModelOutput:
         m = list_length or batch.position_mask.shape[1]
@@ -98,6 +107,12 @@ class NAR4Rec(RerankModel):
         click = torch.einsum("bnd,bmd->bnm", self.click_item(x), self.click_pos(p)) / math.sqrt(d)
         click = click + self.click_bias[:m]
 
+        logits = scores
+        if self.list_context is not None and m == batch.position_mask.shape[1]:
+            # Each slot's raw score given the LOGGED items above it (teacher forcing).
+            logits = scores + self.list_context.teacher_forced(
+                batch.category, batch.exposed, batch.position_mask)
+
         maskf = cand_mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * maskf).sum(1) / maskf.sum(1).clamp_min(1.0)
         return ModelOutput(
@@ -106,5 +121,5 @@ class NAR4Rec(RerankModel):
             position_repr=self.positions[:m],
             click_logits=click,
             length_logits=self.length_head(pooled),
-            logits=scores,
+            logits=logits,
         )

@@ -241,10 +241,11 @@ class AREncoderGraph(nn.Module):
 
 class ARStepGraph(nn.Module):
     """One more position: ``previous [R]`` (index chosen last), ``position [1]`` (its index t),
-    ``chosen [R, N]`` (already in the list) and the caches -> ``log_probs [R, N]`` and the
-    grown caches."""
+    ``chosen [R, N]`` (already in the list), ``category [R, N]`` and ``context [R, N]`` (the
+    list-context term so far) and the caches -> ``log_probs [R, N]``, the grown caches and the
+    updated ``context``."""
 
-    fixed_inputs = 6  # inputs before the per-layer K/V tensors (*kv)
+    fixed_inputs = 8  # inputs before the per-layer K/V tensors (*kv)
 
     def __init__(self, model: RerankModel) -> None:
         super().__init__()
@@ -253,6 +254,7 @@ class ARStepGraph(nn.Module):
 
     def forward(self, previous: torch.Tensor, position: torch.Tensor, memory: torch.Tensor,
                 pointer_keys: torch.Tensor, candidate_mask: torch.Tensor, chosen: torch.Tensor,
+                category: torch.Tensor, context: torch.Tensor,
                 *kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ar = self.model
         n_layers = self.n_layers
@@ -261,10 +263,12 @@ class ARStepGraph(nn.Module):
         rows = torch.arange(memory.shape[0])
         token = ar.item_in(memory[rows, previous])
         new = (token + ar.positions.index_select(0, position)).unsqueeze(1)
+        if ar.list_context is not None:
+            context = ar.list_context.step(context, category, previous)
         blocked = chosen | ~candidate_mask
         log_probs, grown = ar.cached_step(new, past, memory_kv, candidate_mask[:, None, None, :],
-                                          pointer_keys, blocked)
-        return (log_probs, *[t for pair in grown for t in pair])
+                                          pointer_keys, blocked, context)
+        return (log_probs, *[t for pair in grown for t in pair], context)
 
 
 # --------------------------------------------------------------------------- export
@@ -352,25 +356,28 @@ def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tenso
         # A second step (past length 1) first, so the example's cache length is not 1: a
         # dimension of size 1 would be specialised by the exporter.
         step = ARStepGraph(model)
-        mask = args[4]
+        mask, category = args[4], args[5]
         chosen = torch.zeros_like(mask)
         chosen[torch.arange(len(previous)), previous] = True
+        context = torch.zeros(mask.shape)
         with torch.no_grad():
-            second = step(previous, torch.tensor([1]), x, keys, mask, chosen, *mem_kv, *cache)
-        cache = list(second[1:])
+            second = step(previous, torch.tensor([1]), x, keys, mask, chosen, category, context,
+                          *mem_kv, *cache)
+        cache, context = list(second[1:-1]), second[-1]
         previous = second[0].argmax(1)
         chosen[torch.arange(len(previous)), previous] = True
         step_in = ["previous", "position", "memory", "pointer_keys", "candidate_mask", "chosen",
-                   *mem, *past]
-        step_out = ["log_probs", *present]
+                   "category", "context", *mem, *past]
+        step_out = ["log_probs", *present, "next_context"]
+        rows_n = {0: "rows", 1: "n"}
         axes: dict[str, dict[int, str]] = {
-            "previous": {0: "rows"}, "memory": {0: "rows", 1: "n"},
-            "pointer_keys": {0: "rows", 1: "n"}, "candidate_mask": {0: "rows", 1: "n"},
-            "chosen": {0: "rows", 1: "n"},
+            "previous": {0: "rows"}, "memory": rows_n, "pointer_keys": rows_n,
+            "candidate_mask": rows_n, "chosen": rows_n, "category": rows_n, "context": rows_n,
         }
         axes.update({name: {0: "rows", 2: "n"} for name in mem})
         axes.update({name: {0: "rows", 2: "past"} for name in past})
-        _export(step, (previous, torch.tensor([2]), x, keys, mask, chosen, *mem_kv, *cache),
+        _export(step, (previous, torch.tensor([2]), x, keys, mask, chosen, category, context,
+                       *mem_kv, *cache),
                 out / "step.onnx", step_in, step_out, axes)
         graphs["step"] = {"file": "step.onnx", "inputs": step_in, "outputs": step_out}
     else:
@@ -441,6 +448,11 @@ def export_run(
             "feature_spec": spec.to_dict(),
             "model_config": meta.get("model_config") or {},
             "decode": run_decoding(run_dir),
+            # The learned list-context table, for the ``context`` decoder outside the graphs.
+            "list_context": (
+                None if getattr(model, "list_context", None) is None or model.stepwise
+                else {"pair": model.list_context.pair.detach().tolist(),
+                      "decay": float(model.list_context.decay.detach())}),
             "source_run": str(run_dir.resolve()),
             "opset": OPSET,
             "graphs": graphs,

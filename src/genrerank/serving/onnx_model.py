@@ -64,8 +64,8 @@ class OnnxModel:
             for g, f in files.items()
         }
         if self.stepwise:
-            self.n_layers = sum(1 for n in self.manifest["graphs"]["step"]["inputs"]
-                                if n.startswith("past_key_"))
+            self.step_inputs = [i.name for i in self.sessions["step"].get_inputs()]
+            self.n_layers = sum(1 for n in self.step_inputs if n.startswith("past_key_"))
 
     # ------------------------------------------------------------------ graphs
 
@@ -110,8 +110,10 @@ class OnnxModel:
                                                              list[np.ndarray]]:
         out = self.sessions["encoder"].run(None, feeds)
         k = 2 * self.n_layers
-        state = {"memory": out[0], "pointer_keys": out[1],
-                 "candidate_mask": feeds["candidate_mask"]}
+        mask = feeds["candidate_mask"]
+        # The list-context term starts at 0 (nothing shown yet); the step graph updates it.
+        state = {"memory": out[0], "pointer_keys": out[1], "candidate_mask": mask,
+                 "category": feeds["category"], "context": np.zeros(mask.shape, np.float32)}
         for i in range(self.n_layers):
             state[f"memory_key_{i}"], state[f"memory_value_{i}"] = out[3 + 2 * i], out[4 + 2 * i]
         return state, out[2], list(out[3 + k:])
@@ -124,8 +126,10 @@ class OnnxModel:
         feeds["chosen"] = chosen
         for i in range(self.n_layers):
             feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
-        out = self.sessions["step"].run(None, feeds)
-        return out[0], list(out[1:])
+        # Only the inputs the graph kept (an exporter drops an input the model never reads).
+        out = self.sessions["step"].run(None, {k: feeds[k] for k in self.step_inputs})
+        state["context"] = out[-1]
+        return out[0], list(out[1:1 + 2 * self.n_layers])
 
     def greedy(self, feeds: dict[str, np.ndarray], m: int) -> tuple[np.ndarray, np.ndarray]:
         """Greedy lists ``[B, m]`` (-1 past a request's candidates) and the log-probability of

@@ -93,13 +93,12 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
                     g_out = np.where(mask.numpy()[..., None], g_out, 0.0)
                 diffs[name] = _finite_max_diff(g_out, r.numpy())
             name, params = decoder_config(manifest.get("decode") or {})
-            if name == "contrastive":
-                params["item_repr"] = out.item_repr
-            if name == "satiation":
-                params["category"] = req["category"]
+            params = {**model.decoder_inputs(name, batch, out), **params}
             ref_lists = best_lists(decode(name, out.log_probs, mask, m, **params))
             if name == "contrastive":
                 params["item_repr"] = torch.from_numpy(got[2])
+            if name == "context":  # serving decodes with the manifest's copy of the table
+                params.update(manifest["list_context"])
             got_lists = best_lists(decode(name, torch.from_numpy(got[0]), mask, m, **params))
             lists_identical = bool(np.array_equal(got_lists, ref_lists))
         # The cached item embeddings must not change what the model computes from raw features.

@@ -116,11 +116,7 @@ class TorchBackend:
         out = model(batch, list_length=inp.m)
         timings["model"] = _ms(start)
         start = time.perf_counter()
-        params = dict(self.decoder_params)
-        if self.decoder == "contrastive":
-            params["item_repr"] = out.item_repr
-        if self.decoder == "satiation":
-            params["category"] = batch.category
+        params = {**model.decoder_inputs(self.decoder, batch, out), **self.decoder_params}
         lst = first_list(decode(self.decoder, out.log_probs, mask, inp.m, **params))
         probs = out.log_probs[0, torch.from_numpy(lst), torch.arange(inp.m)].exp().numpy()
         timings["decode"] = _ms(start)
@@ -171,8 +167,13 @@ class OnnxBackend:
         params = dict(self.decoder_params)
         if self.decoder == "contrastive":
             params["item_repr"] = torch.from_numpy(item_repr)
-        if self.decoder == "satiation":
+        if self.decoder in ("satiation", "context"):
             params["category"] = _t(inp.category)[None]
+        if self.decoder == "context":
+            table = self.onnx.manifest.get("list_context")
+            if not table:
+                raise ValueError("decoder 'context' but the export has no list-context table")
+            params.update(pair=table["pair"], decay=table["decay"])
         lp = torch.from_numpy(log_probs)
         lst = first_list(decode(self.decoder, lp, torch.from_numpy(mask), inp.m, **params))
         probs = np.exp(log_probs[0, lst, np.arange(inp.m)])
