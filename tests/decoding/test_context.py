@@ -7,12 +7,7 @@ import pytest
 import torch
 
 from genrerank.decoding import decode
-
-
-def column(scores: list[float], m: int) -> torch.Tensor:
-    """An item-scoring model's matrix: every position column the same log-softmax."""
-    lp = torch.log_softmax(torch.tensor(scores), dim=0)
-    return lp[None, :, None].expand(1, len(scores), m)
+from tests.decoding.test_satiation import column
 
 
 def test_complementary_category_is_pulled_up() -> None:
