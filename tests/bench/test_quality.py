@@ -243,3 +243,11 @@ def test_variants_change_only_the_named_loss_terms() -> None:
     for bad in ("pointwise_no_colour", "pointwise_with_features"):
         with pytest.raises(ValueError, match="unknown variant"):
             variant_overrides(bad)
+
+
+def test_ablation_variants_are_checked_before_any_work(tmp_path: Path) -> None:
+    settings = QualitySettings.quick()
+    settings.ablation_variants = ("nar4rec_no_list_context", "pointwise_no_colour")
+    with pytest.raises(ValueError, match="unknown ablation variant"):
+        run_quality_benchmark(quick=True, out_dir=tmp_path, settings=settings, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -122,6 +122,8 @@ class QualitySettings:
     #: False: on the ablation data set, skip the nar4rec ablations and decoding comparison
     #: (keeps the generator-evaluator part; for a shorter run).
     ablations: bool = True
+    #: Which ablation variants run (all by default; fewer for a shorter run).
+    ablation_variants: tuple[str, ...] = ABLATIONS[1:]
     overrides: tuple[str, ...] = ()  # extra --set overrides for every trained model
     model_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -465,7 +467,7 @@ class _Bench:
         ablate = name == self.settings.ablation_dataset
         ablations = ablate and self.settings.ablations
         ablation_seeds = set(seeds[: self.settings.ablation_seeds]) if ablations else set()
-        variants = MODELS + (ABLATIONS[1:] if ablations else ())
+        variants = MODELS + (tuple(self.settings.ablation_variants) if ablations else ())
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in (*variants, *DERIVED)}
         decoding: list[dict[str, Any]] = []
         ge: list[dict[str, Any]] = []
@@ -620,6 +622,9 @@ def run_quality_benchmark(
     if not seeds:
         raise ValueError("seeds: need at least one seed")
     settings = settings or (QualitySettings.quick() if quick else QualitySettings.full())
+    bad = sorted(set(settings.ablation_variants) - set(ABLATIONS[1:]))
+    if bad:
+        raise ValueError(f"unknown ablation variant(s) {bad}; known: {list(ABLATIONS[1:])}")
     unknown = [r for r in settings.real if r not in REAL_SOURCES]
     if unknown:
         raise ValueError(f"unknown real data set(s) {unknown}; known: {sorted(REAL_SOURCES)}")
@@ -693,7 +698,7 @@ def run_quality_benchmark(
             v: resolve_config(variant_overrides(v)[0], None,
                               (*budget_overrides(settings, variant_overrides(v)[0], seeds[0]),
                                *variant_overrides(v)[1]))
-            for v in (*MODELS, *ABLATIONS[1:])
+            for v in (*MODELS, *settings.ablation_variants)
         },
         "datasets": datasets,
     }
@@ -975,6 +980,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"{m['python']}, torch {m['torch']}; load average at the end "
         f"{', '.join(f'{x:.1f}' for x in m['load_average'] or [])}.",
         "",
+        # A result merged from several runs of one commit says so (date and time: the last).
+        *([f"Runs: {result['invocations']}.", ""] if result.get("invocations") else []),
         f"Seeds {result['seeds']}: {result['what_varies']}. Cells: mean ± sample std over seeds.",
         "",
         f"Budget (same for every trained model): max {s['epochs']} epochs, patience "
