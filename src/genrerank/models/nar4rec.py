@@ -14,8 +14,9 @@ Reading order, as in the paper:
 List context (``list_context: true``, :mod:`genrerank.modules.list_context`): a learned
 category-transition table. In training, the raw score of each logged slot (``logits``, which the
 item-level ``gain_bce`` loss fits) adds the context of the logged items above it, so the table
-learns satiation and complementarity from the logs while ``log_probs`` stay context-free; the
-``context`` decoder then applies the table to the items it has chosen.
+learns from the logs which categories go well after which (it learns complementarity; satiation
+the logs confound, see that module) while ``log_probs`` stay context-free; the ``context``
+decoder then applies the table to the items it has chosen.
 
 Auxiliary heads: a click head on each (candidate, position) pair (so offline AUC / LogLoss have
 a click probability for every exposed item at its logged position) and a list-length head
@@ -108,8 +109,9 @@ class NAR4Rec(RerankModel):
         click = click + self.click_bias[:m]
 
         logits = scores
-        if self.list_context is not None and m == batch.position_mask.shape[1]:
-            # Each slot's raw score given the LOGGED items above it (teacher forcing).
+        if self.list_context is not None and batch.labels and m == batch.position_mask.shape[1]:
+            # Each slot's raw score given the LOGGED items above it (teacher forcing); only a
+            # loss reads it, so batches without logged feedback (serving) skip the work.
             logits = scores + self.list_context.teacher_forced(
                 batch.category, batch.exposed, batch.position_mask)
 
