@@ -25,6 +25,21 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _validation_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--no-validate``: skip the full check of a data set on read (trusted data only)."""
+
+    def callback(_: click.Context, __: click.Parameter, no_validate: bool) -> None:
+        if no_validate:
+            from genrerank.data.schema import set_validate_on_read
+
+            set_validate_on_read(False)
+
+    return click.option(
+        "--no-validate", is_flag=True, expose_value=False, callback=callback,
+        help="Trusted data: skip checking every request on read (types and the spec still are).",
+    )(fn)
+
+
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     """``key=value`` pairs; values parsed as int, float or bool when they look like one."""
     out: dict[str, Any] = {}
@@ -77,19 +92,30 @@ def data() -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--option", "options", multiple=True, help="Loader option key=value (repeatable).")
+@click.option("--max-candidates", type=click.IntRange(1), default=500, show_default=True,
+              help="Refuse requests with more candidates (or drop them: --drop-oversized).")
+@click.option("--drop-oversized", is_flag=True,
+              help="Drop requests above --max-candidates instead of failing (count reported).")
 @_user_errors
 def convert_cmd(
-    fmt: str, input_path: Path, out_dir: Path, overwrite: bool, options: tuple[str, ...]
+    fmt: str, input_path: Path, out_dir: Path, overwrite: bool, options: tuple[str, ...],
+    max_candidates: int, drop_oversized: bool,
 ) -> None:
     """Convert a public log format into a genrerank data set folder."""
     from genrerank.data.loaders import convert
+    from genrerank.data.schema import FeatureSpec
 
-    path = convert(fmt, input_path, out_dir, overwrite=overwrite, **_parse_options(options))
+    path = convert(fmt, input_path, out_dir, overwrite=overwrite, candidate_cap=max_candidates,
+                   drop_oversized=drop_oversized, **_parse_options(options))
+    dropped = FeatureSpec.load(path / "feature_spec.json").extra.get("dropped_oversized_requests")
+    if dropped:
+        click.echo(f"dropped {dropped} request(s) with more than {max_candidates} candidates")
     click.echo(f"wrote {path}")
 
 
 @data.command("stats")
 @click.argument("data_dir", type=click.Path(path_type=Path))
+@_validation_option
 @_user_errors
 def stats_cmd(data_dir: Path) -> None:
     """Print requests, candidates, list lengths and label rates of a data set."""
@@ -107,6 +133,7 @@ def stats_cmd(data_dir: Path) -> None:
 @click.option("--set", "overrides", multiple=True, help="Override: key=value, e.g. train.lr=3e-4.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last/.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing OUT.")
+@_validation_option
 @_user_errors
 def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | None,
           overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
@@ -128,6 +155,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None)
 @click.option("--decoder", default=None, help="greedy, contrastive, beam, sample, hungarian.")
 @click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
+@_validation_option
 @_user_errors
 def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
              out_file: Path | None, decoder: str | None, decoder_params: tuple[str, ...]) -> None:

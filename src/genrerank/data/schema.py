@@ -204,6 +204,67 @@ def _row_of(flat_index: int, lengths: np.ndarray) -> int:
     return int(np.searchsorted(np.cumsum(lengths), flat_index, side="right"))
 
 
+def _check_no_null_values(table: pa.Table, name: str, fail: Any) -> None:
+    """Fail on a null list, or a null value inside a (nested) list column, naming its row."""
+    col = table.column(name).combine_chunks()
+    if not pa.types.is_list(col.type):
+        return
+    if col.null_count:
+        fail(int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]), name,
+             "null list")
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    values = col.flatten()
+    if pa.types.is_list(values.type):
+        if values.null_count:
+            k = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+            fail(_row_of(k, lengths), name, "null candidate row")
+        if values.flatten().null_count:
+            inner = values.value_lengths().to_numpy(zero_copy_only=False)
+            k = int(np.flatnonzero(values.flatten().is_null().to_numpy(zero_copy_only=False))[0])
+            fail(_row_of(_row_of(k, inner), lengths), name, "null value")
+    elif values.null_count:
+        k = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        fail(_row_of(k, lengths), name, "null value")
+
+
+def _kind(t: pa.DataType) -> str:
+    """A coarse type name: what matters when deciding whether a column can be read as another."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_kind(t.value_type)}>"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return str(t)
+
+
+def conform_types(table: pa.Table, spec: FeatureSpec, where: str = "requests") -> pa.Table:
+    """Cast ``table`` to the format's Arrow schema where that loses nothing (int64 -> int32,
+    float64 -> float32, int -> float, large lists and strings), and refuse with one line naming
+    the column otherwise: numbers stored as strings are an error, never silently parsed."""
+    expected = arrow_schema(spec)
+    missing = [n for n in expected.names if n not in table.column_names]
+    if missing:
+        raise DataValidationError(f"{where}: missing column(s) {missing}")
+    for f in expected:
+        actual = _kind(table.schema.field(f.name).type)
+        want = _kind(f.type)
+        compatible = actual == want or actual == want.replace("float", "int")
+        if not compatible:
+            raise DataValidationError(
+                f"{where}: field {f.name!r} has type {actual}, expected {want}"
+            )
+    try:
+        return table.select(expected.names).cast(expected)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataValidationError(f"{where}: cannot read the columns as {expected}: {exc}") \
+            from exc
+
+
 def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") -> None:
     """Check every invariant of the format; raise DataValidationError naming row and field.
 
@@ -228,6 +289,14 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
         raise DataValidationError(
             f"{where}: row {row} (request_id {rid!r}), field {name!r}: {what}"
         )
+
+    for name in ("request_id", "time", "user_id", "split"):
+        col = table.column(name)
+        if col.null_count:
+            fail(int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]), name,
+                 "null value")
+    for name in expected.names:
+        _check_no_null_values(table, name, fail)
 
     ids = table.column("request_id").to_numpy(zero_copy_only=False)
     uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
@@ -369,7 +438,7 @@ def write_dataset(
 ) -> Path:
     """Validate and write a data set folder atomically: all of it on success, nothing on error."""
     out_dir = Path(out_dir)
-    table = table.select(arrow_schema(spec).names).cast(arrow_schema(spec))
+    table = conform_types(table, spec, where=str(out_dir))
     validate_table(table, spec, where=str(out_dir))
     n = table.column("item_id").combine_chunks().value_lengths().to_numpy()
     m = table.column("exposed").combine_chunks().value_lengths().to_numpy()
@@ -392,20 +461,73 @@ def write_dataset(
     return out_dir
 
 
-def read_dataset(data_dir: str | Path, validate: bool = False) -> tuple[pa.Table, FeatureSpec]:
-    """Read a data set folder; checks the schema version before anything else."""
+#: Whether :func:`read_dataset` validates by default (``--no-validate`` turns it off for trusted
+#: data), and the files already validated in this process: (path, mtime, size), so that reading
+#: the train, valid and test splits of one data set validates it once.
+_validate_on_read = True
+_validated: set[tuple[str, int, int]] = set()
+
+
+def set_validate_on_read(enabled: bool) -> None:
+    """Turn validation on read on or off for this process (the CLI's ``--no-validate``)."""
+    global _validate_on_read
+    _validate_on_read = enabled
+
+
+def _check_spec_file(data_dir: Path, spec: FeatureSpec) -> None:
+    """``feature_spec.json``, when present, must parse and agree with the Parquet metadata."""
+    path = data_dir / SPEC_FILE
+    if not path.exists():
+        return
+    on_disk = FeatureSpec.load(path).to_dict()
+    in_parquet = spec.to_dict()
+    for key in sorted(set(on_disk) | set(in_parquet)):
+        if on_disk.get(key) != in_parquet.get(key):
+            shown = (repr(on_disk.get(key))[:80], repr(in_parquet.get(key))[:80])
+            raise DataValidationError(
+                f"{path}: field {key!r} disagrees with {REQUESTS_FILE}'s metadata "
+                f"({shown[0]} vs {shown[1]}); rewrite the data set or fix the file"
+            )
+
+
+def read_dataset(
+    data_dir: str | Path, validate: bool | None = None
+) -> tuple[pa.Table, FeatureSpec]:
+    """Read a data set folder: schema version first, then the feature spec (the JSON file must
+    agree with the Parquet metadata), column types, and (by default, once per file and process)
+    every invariant of :func:`validate_table`. Errors name the file, row, request and field."""
     data_dir = Path(data_dir)
     path = data_dir / REQUESTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{data_dir}: no {REQUESTS_FILE}; is this a genrerank data set?")
-    meta = pq.read_schema(path).metadata or {}
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
     version = meta.get(METADATA_VERSION_KEY)
-    if version is None or int(version) != SCHEMA_VERSION:
+    if version is None or version.decode(errors="replace") != str(SCHEMA_VERSION):
         raise DataValidationError(
             f"{path}: schema version {version!r}, this genrerank reads {SCHEMA_VERSION}"
         )
-    spec = FeatureSpec.from_dict(json.loads(meta[METADATA_SPEC_KEY]))
-    table = pq.read_table(path)
+    try:
+        spec = FeatureSpec.from_dict(json.loads(meta[METADATA_SPEC_KEY]))
+    except (KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, DataValidationError):
+            raise DataValidationError(f"{path}: {exc}") from exc
+        raise DataValidationError(f"{path}: no valid feature spec in the metadata ({exc})") \
+            from exc
+    _check_spec_file(data_dir, spec)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
+    table = conform_types(table, spec, where=str(path))
+    if validate is None:
+        validate = _validate_on_read
     if validate:
-        validate_table(table, spec, where=str(path))
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in _validated:
+            validate_table(table, spec, where=str(path))
+            _validated.add(key)
     return table, spec

@@ -230,3 +230,35 @@ def test_crlf_and_trailing_blank_line(fixture_copy):
     table, _ = load("mind", folder)
     assert table.num_rows == 12
     assert sorted(table["item_id"][0].as_py()) == ["N4", "N5", "N6"]
+
+
+def test_convert_caps_candidates_per_request(tmp_path):
+    """Every format is capped at convert time (defect: one 200,000-item impression converted and
+    then asked training for gigabytes); the fixture's largest impressions hold 5 items."""
+    out = tmp_path / "capped"
+    with pytest.raises(DataValidationError,
+                       match=r"request_id '\d+' has 5 candidates, more than max_candidates=4 "
+                             r"\(\d+ such requests\)"):
+        convert("mind", MIND, out, candidate_cap=4)
+    assert not out.exists()
+    full = read_dataset(convert("mind", MIND, tmp_path / "full"))[0]
+    n_full = np.array([len(ids) for ids in full.column("item_id").to_pylist()])
+    table, spec = read_dataset(convert("mind", MIND, out, candidate_cap=4, drop_oversized=True))
+    n = np.array([len(ids) for ids in table.column("item_id").to_pylist()])
+    assert n.max() <= 4 and len(n) == int((n_full <= 4).sum()) < len(n_full)
+    assert spec.extra["dropped_oversized_requests"] == int((n_full > 4).sum())
+
+
+def test_cli_convert_reports_oversized_requests(tmp_path):
+    from click.testing import CliRunner
+
+    from genrerank.cli import main
+
+    out = tmp_path / "capped"
+    args = ["data", "convert", "--format", "mind", "--input", str(MIND), "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--max-candidates", "4"])
+    assert result.exit_code == 1 and "--drop-oversized" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+    result = CliRunner().invoke(main, [*args, "--max-candidates", "4", "--drop-oversized"])
+    assert result.exit_code == 0, result.output
+    assert "dropped" in result.output and "more than 4 candidates" in result.output
