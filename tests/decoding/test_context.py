@@ -38,6 +38,28 @@ def test_a_negative_diagonal_is_the_satiation_decoder() -> None:
                        decode("greedy", lp, mask, 6))
 
 
+def test_penalty_is_subtracted_from_the_learned_diagonal() -> None:
+    torch.manual_seed(1)
+    lp = torch.log_softmax(torch.randn(5, 12, 6), dim=1)
+    category = torch.randint(0, 4, (5, 12))
+    mask = torch.rand(5, 12) > 0.2
+    pair = torch.randn(4, 4)
+    got = decode("context", lp, mask, 6, category=category, pair=pair, decay=0.6, penalty=0.7)
+    want = decode("context", lp, mask, 6, category=category, pair=pair - 0.7 * torch.eye(4),
+                  decay=0.6)
+    assert torch.equal(got, want)
+    # By hand: a learned +0.5 for repeating category 1 keeps item 1 second without a penalty;
+    # penalty 1.0 makes the repeat cost 0.5 and item 2 (other category) takes the slot.
+    lp = column([3.0, 2.8, 2.5, 0.0], 3)
+    category = torch.tensor([[1, 1, 2, 2]])
+    pair = torch.zeros(3, 3)
+    pair[1, 1] = 0.5
+    assert decode("context", lp, None, 3, category=category, pair=pair,
+                  decay=0.5).tolist()[0][:2] == [0, 1]
+    assert decode("context", lp, None, 3, category=category, pair=pair, decay=0.5,
+                  penalty=1.0).tolist()[0][:2] == [0, 2]
+
+
 def test_padding_lengths_and_a_json_table() -> None:
     lp = column([3.0, 2.8, 2.0, 9.0], 3)
     mask = torch.tensor([[True, True, True, False]])
@@ -54,6 +76,9 @@ def test_bad_options() -> None:
         decode("context", lp, None, 2, category=category, pair=torch.zeros(2, 3), decay=0.5)
     with pytest.raises(ValueError, match="decay"):
         decode("context", lp, None, 2, category=category, pair=torch.zeros(2, 2), decay=1.5)
+    with pytest.raises(ValueError, match="penalty"):
+        decode("context", lp, None, 2, category=category, pair=torch.zeros(2, 2), decay=0.5,
+               penalty=-1.0)
     with pytest.raises(ValueError, match="category must be"):
         decode("context", lp, None, 2, category=torch.tensor([1, 1]), pair=torch.zeros(2, 2),
                decay=0.5)

@@ -7,6 +7,11 @@ lists: which categories tire a user after which (satiation, negative entries) an
 together (complementarity, positive ones). ``pair = -penalty * I`` is the satiation decoder.
 A model with a list context passes its own ``pair`` and ``decay``; serving reads them from the
 export manifest.
+
+``penalty`` subtracts a same-category term on top of the learned table (``pair - penalty * I``).
+The table learns complementarity well but not satiation: in logged lists a repeated category
+marks a user who likes it, so the fitted diagonal is confounded and near zero or positive.
+``penalty`` is chosen on validation like the satiation decoder's.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ def context_greedy(
     category: torch.Tensor,
     pair: torch.Tensor | Sequence[Sequence[float]],
     decay: float | torch.Tensor,
+    penalty: float = 0.0,
 ) -> torch.Tensor:
     """Greedy decoding with a learned category-transition term -> LongTensor ``[B, m]``.
 
     ``category [B, N]`` each candidate's category id in ``[0, C)`` (larger ids are clamped to the
     last row, as the model does); ``pair [C, C]`` (row: the category shown, column: the
-    candidate's); ``decay`` in ``[0, 1]``.
+    candidate's); ``decay`` in ``[0, 1]``; ``penalty >= 0`` is subtracted from the diagonal.
     """
     lp, mask, lengths, m = prepare_inputs(log_probs, candidate_mask, list_length)
     b, n, _ = lp.shape
@@ -43,6 +49,11 @@ def context_greedy(
         raise ValueError(f"context: pair must be a square [C, C] table, got {tuple(pair.shape)}")
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"context: decay must be in [0, 1], got {decay}")
+    if not penalty >= 0.0:
+        raise ValueError(f"context: penalty must be >= 0, got {penalty}")
+    if penalty:
+        eye = torch.eye(pair.shape[0], dtype=pair.dtype, device=pair.device)
+        pair = pair - float(penalty) * eye
     if tuple(category.shape) != (b, n):
         raise ValueError(f"category must be [B, N] = {(b, n)}, got {tuple(category.shape)}")
     out = torch.full((b, m), -1, dtype=torch.long, device=lp.device)
