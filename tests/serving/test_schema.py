@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from genrerank.data.dataset import RerankDataset
 from genrerank.data.schema import CategoricalFeature, FeatureSpec
 from genrerank.serving.schema import (
+    DEFAULT_MAX_ITEM_ID_LENGTH,
+    MAX_ABS_NUMBER,
     RequestValidationFailed,
     RequestValidator,
     RerankRequest,
@@ -116,6 +119,110 @@ def test_request_model_schema_documents_the_contract() -> None:
     schema = RerankRequest.model_json_schema()
     assert {"candidates", "m", "user", "strategy", "k", "request_id"} <= set(schema["properties"])
     assert schema["required"] == ["candidates", "m"]
+
+
+# --------------------------------------------------------------------------- item id length
+
+
+def _errors(validator: RequestValidator, payload: dict) -> dict[str, str]:
+    with pytest.raises(RequestValidationFailed) as info:
+        validator.validate_python(payload)
+    return {e.field: e.message for e in info.value.errors}
+
+
+def test_default_item_id_limit_accepts_normal_ids_and_ids_at_the_limit() -> None:
+    assert DEFAULT_MAX_ITEM_ID_LENGTH == 256
+    validator = _validator()
+    assert validator.max_item_id_length == 256  # FakeService has no max_item_id_length
+    payload = valid_payload()
+    payload["candidates"]["ids"] = [
+        "v21093",
+        "3f2b8c1e-9a4d-4e7b-8c2a-5d6e7f8a9b0c",  # a UUID
+        "N" * 256,  # exactly at the limit
+        "\U0001f600" * 256,  # 256 characters of 4 bytes each: characters, not bytes, count
+        "https://example.com/item/12345?ref=feed",
+    ]
+    assert validator.validate_python(payload).item_ids == payload["candidates"]["ids"]
+
+
+def test_an_over_long_item_id_is_refused_with_its_position() -> None:
+    payload = valid_payload()
+    payload["candidates"]["ids"][3] = "x" * 257
+    payload["candidates"]["ids"][4] = "y" * 50_000
+    fields = _errors(_validator(), payload)
+    assert fields == {
+        "candidates.ids[3]": "item id of 257 characters; at most 256 are accepted",
+        "candidates.ids[4]": "item id of 50000 characters; at most 256 are accepted",
+    }
+
+
+def test_the_item_id_limit_is_configurable_and_read_from_the_service() -> None:
+    service = FakeService()
+    service.max_item_id_length = 3  # type: ignore[attr-defined]
+    validator = RequestValidator.for_service(service)
+    payload = valid_payload()
+    payload["candidates"]["ids"][1] = "abcd"
+    assert _errors(validator, payload) == {
+        "candidates.ids[1]": "item id of 4 characters; at most 3 are accepted"
+    }
+    payload["candidates"]["ids"][1] = "abc"
+    assert validator.validate_python(payload).item_ids[1] == "abc"
+    with pytest.raises(ValueError, match="max_item_id_length must be >= 1"):
+        RequestValidator(fake_spec(), ("s",), max_item_id_length=0)
+
+
+def test_a_duplicate_long_id_is_not_echoed_in_full() -> None:
+    payload = valid_payload()
+    payload["candidates"]["ids"][0] = payload["candidates"]["ids"][2] = "d" * 200
+    message = _errors(_validator(), payload)["candidates.ids[2]"]
+    assert "(200 characters) at positions 0 and 2" in message and len(message) < 120
+
+
+def test_an_over_long_item_id_is_a_422_over_http(client: TestClient) -> None:
+    payload = valid_payload()
+    payload["candidates"]["ids"][3] = "z" * 50_000
+    response = client.post("/v1/rerank", json=payload)
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": "invalid request",
+        "detail": [
+            {
+                "field": "candidates.ids[3]",
+                "message": "item id of 50000 characters; at most 256 are accepted",
+            }
+        ],
+    }
+    payload["candidates"]["ids"][3] = "z" * 256
+    assert client.post("/v1/rerank", json=payload).status_code == 200
+
+
+# --------------------------------------------------------------------------- number magnitude
+
+
+def test_numbers_up_to_the_magnitude_bound_are_accepted() -> None:
+    assert MAX_ABS_NUMBER == 1e9
+    payload = valid_payload()
+    payload["user"]["dense"]["ud"] = -MAX_ABS_NUMBER
+    payload["candidates"]["upstream_score"][0] = MAX_ABS_NUMBER
+    payload["candidates"]["dense"]["d2"][4] = -1e-45  # float32 subnormals are fine
+    inp = _validator().validate_python(payload)
+    assert inp.upstream_score[0] == np.float32(1e9) and inp.user_dense[0] == np.float32(-1e9)
+
+
+def test_numbers_beyond_the_magnitude_bound_are_refused() -> None:
+    # Finite and within float32, but the model's squares overflow: NaN scores, once a 500.
+    payload = valid_payload()
+    payload["user"]["dense"]["ud"] = 1e30
+    payload["candidates"]["upstream_score"][1] = -3.4e38
+    payload["candidates"]["dense"]["d1"][2] = 2e9
+    payload["candidates"]["dense"]["d2"][0] = 1e39  # beyond float32 too
+    assert _errors(_validator(), payload) == {
+        "user.dense.ud": "1e+30 is too large: numbers must be within [-1e9, 1e9]",
+        "candidates.upstream_score[1]": "-3.4e+38 is too large: numbers must be within "
+        "[-1e9, 1e9]",
+        "candidates.dense.d1[2]": "2000000000.0 is too large: numbers must be within [-1e9, 1e9]",
+        "candidates.dense.d2[0]": "1e+39 does not fit in float32",
+    }
 
 
 # --------------------------------------------------------------------------- payload_from_dataset

@@ -33,8 +33,9 @@ import torch
 from genrerank.data.dataset import Batch
 from genrerank.data.schema import FeatureSpec
 from genrerank.decoding import DecodedLists, decode
-from genrerank.serving.cache import ItemEmbeddingCache
+from genrerank.serving.cache import DEFAULT_CACHE_BYTES, ItemEmbeddingCache
 from genrerank.serving.export import make_batch, model_version
+from genrerank.serving.schema import DEFAULT_MAX_ITEM_ID_LENGTH
 from genrerank.serving.types import RerankInput, RerankResult
 
 __all__ = ["OnnxBackend", "Reranker", "TorchBackend", "load_reranker"]
@@ -186,7 +187,9 @@ class Reranker:
 
     def __init__(self, backend: TorchBackend | OnnxBackend, *,
                  cache_size: int = DEFAULT_CACHE_SIZE,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES,
                  max_candidates: int = DEFAULT_MAX_CANDIDATES,
+                 max_item_id_length: int = DEFAULT_MAX_ITEM_ID_LENGTH,
                  pipeline: Any = None) -> None:
         if backend.kind != "generator":
             raise ValueError(f"model {backend.model_name!r} is a list evaluator: it scores lists "
@@ -198,7 +201,10 @@ class Reranker:
         limit = backend.max_candidates
         self.max_candidates = min(max_candidates, limit) if limit else max_candidates
         self.max_list_length = int(backend.max_list_length or self.max_candidates)
-        self.cache = ItemEmbeddingCache(cache_size, backend.version)
+        if max_item_id_length < 1:
+            raise ValueError(f"max_item_id_length must be >= 1, got {max_item_id_length}")
+        self.max_item_id_length = max_item_id_length
+        self.cache = ItemEmbeddingCache(cache_size, backend.version, max_bytes=cache_bytes)
         self.pipeline = pipeline
         self.strategies: tuple[str, ...] = (backend.model_name,) + (
             ("pipeline",) if pipeline is not None else ())
@@ -284,9 +290,15 @@ def raw_batch(inp: RerankInput) -> Batch:
 
 def load_reranker(run_dir: str | Path | None = None, onnx_dir: str | Path | None = None, *,
                   threads: int = 1, int8: bool = False, cache_size: int = DEFAULT_CACHE_SIZE,
+                  cache_bytes: int = DEFAULT_CACHE_BYTES,
                   max_candidates: int = DEFAULT_MAX_CANDIDATES,
+                  max_item_id_length: int = DEFAULT_MAX_ITEM_ID_LENGTH,
                   pipeline_config: str | Path | None = None) -> Reranker:
-    """A Reranker from a run folder (PyTorch) or an export folder (ONNX Runtime)."""
+    """A Reranker from a run folder (PyTorch) or an export folder (ONNX Runtime).
+
+    The item cache holds at most ``cache_size`` items and ``cache_bytes`` bytes (0: no cache);
+    requests with an item id longer than ``max_item_id_length`` characters are rejected (422).
+    """
     if (run_dir is None) == (onnx_dir is None):
         raise ValueError("give exactly one of a run folder (--run) or an ONNX export (--onnx)")
     if run_dir is not None:
@@ -300,5 +312,6 @@ def load_reranker(run_dir: str | Path | None = None, onnx_dir: str | Path | None
         from genrerank.pipeline import Pipeline
 
         pipeline = Pipeline.from_config(pipeline_config)
-    return Reranker(backend, cache_size=cache_size, max_candidates=max_candidates,
+    return Reranker(backend, cache_size=cache_size, cache_bytes=cache_bytes,
+                    max_candidates=max_candidates, max_item_id_length=max_item_id_length,
                     pipeline=pipeline)

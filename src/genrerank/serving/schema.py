@@ -13,7 +13,7 @@ parsing 60-500 nested objects per request costs more than the model call::
         "dense": {"<user dense>": 0.25, ...}          # finite number
       },
       "candidates": {
-        "ids": ["item-1", "item-2", ...],             # n unique, non-empty strings
+        "ids": ["item-1", "item-2", ...],             # n unique, non-empty strings (1)
         "upstream_score": [0.9, 0.7, ...],            # n finite numbers
         "cat":   {"<item categorical>": [1, 4, ...], ...},   # each n ints in [0, vocab_size)
         "dense": {"<item dense>": [0.1, 2.0, ...], ...},     # each n finite numbers
@@ -25,13 +25,17 @@ parsing 60-500 nested objects per request costs more than the model call::
       "k": 8                                   # optional int >= 1: lists to propose (pipeline)
     }
 
+(1) At most 256 characters each by default (``genrerank serve --max-item-id-length``): ids are
+keys of the server's item cache, so their size is bounded.
+
 Every feature named in the model's :class:`~genrerank.data.schema.FeatureSpec` is required and
 no other name is accepted. Integers must be JSON integers (``2.0`` and ``true`` are rejected);
 numbers may be integers or floats but never ``NaN`` / ``Infinity`` (which Python's JSON encoder
-writes by default) and must fit in float32. Unknown top-level keys are rejected too, so a
-misspelt ``"stratgy"`` is an error rather than silently ignored. ``category`` / ``creator``
-default to zeros (unknown); diversity-aware strategies then see all items as one category and
-one creator, so send them when you have them.
+writes by default), and at most 1e9 in magnitude (far beyond any log-scaled or standardised
+feature; values near float32's limit would overflow inside the model). Unknown top-level keys
+are rejected too, so a misspelt ``"stratgy"`` is an error rather than silently ignored.
+``category`` / ``creator`` default to zeros (unknown); diversity-aware strategies then see all
+items as one category and one creator, so send them when you have them.
 
 Response ``200``::
 
@@ -82,6 +86,15 @@ StrictInt = Annotated[int, Strict()]
 StrictStr = Annotated[str, Strict()]
 
 _FORBID = ConfigDict(extra="forbid")
+
+#: Largest accepted magnitude of a number. Features are log-scaled or standardised, so real
+#: values are many orders below; the model overflows float32 from ~1e18 (its squares do).
+MAX_ABS_NUMBER = 1e9
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+#: Longest accepted item id, in characters (configurable per service): ids are keys of the item
+#: cache and chosen by clients, so their size is bounded (catalogue ids are short: a UUID is 36).
+DEFAULT_MAX_ITEM_ID_LENGTH = 256
 
 
 class UserFeatures(BaseModel):
@@ -291,9 +304,13 @@ class RequestValidator:
         strategies: tuple[str, ...] | list[str],
         max_candidates: int = 0,
         max_list_length: int = 0,
+        max_item_id_length: int = DEFAULT_MAX_ITEM_ID_LENGTH,
     ) -> None:
         if not strategies:
             raise ValueError("RequestValidator: the service declares no strategies")
+        if max_item_id_length < 1:
+            raise ValueError(f"max_item_id_length must be >= 1, got {max_item_id_length}")
+        self.max_item_id_length = int(max_item_id_length)
         self.spec = spec
         self.strategies = tuple(strategies)
         self.max_candidates = int(max_candidates)  # <= 0: no limit
@@ -326,7 +343,11 @@ class RequestValidator:
     @classmethod
     def for_service(cls, service: RerankService) -> RequestValidator:
         return cls(
-            service.spec, service.strategies, service.max_candidates, service.max_list_length
+            service.spec,
+            service.strategies,
+            service.max_candidates,
+            service.max_list_length,
+            getattr(service, "max_item_id_length", DEFAULT_MAX_ITEM_ID_LENGTH),
         )
 
     # ---- entry points
@@ -384,6 +405,16 @@ class RequestValidator:
                     f"{n} candidates; this service accepts at most {self.max_candidates}",
                 )
             )
+        limit = self.max_item_id_length
+        if n and max(map(len, ids)) > limit:  # ~10-30 us for 500 ids; positions on failure only
+            errors.extend(
+                FieldError(
+                    f"candidates.ids[{i}]",
+                    f"item id of {len(item_id)} characters; at most {limit} are accepted",
+                )
+                for i, item_id in enumerate(ids)
+                if len(item_id) > limit
+            )
         columns: list[tuple[str, list[Any] | None]] = [
             ("candidates.upstream_score", cands.upstream_score),
             ("candidates.category", cands.category),
@@ -403,7 +434,7 @@ class RequestValidator:
                     errors.append(
                         FieldError(
                             f"candidates.ids[{i}]",
-                            f"duplicate id {item_id!r} at positions {seen[item_id]} and {i}",
+                            f"duplicate id {_short(item_id)} at positions {seen[item_id]} and {i}",
                         )
                     )
                     break
@@ -422,7 +453,8 @@ class RequestValidator:
         if strategy not in self.strategies:
             errors.append(
                 FieldError(
-                    "strategy", f"unknown strategy {strategy!r}; accepted: {list(self.strategies)}"
+                    "strategy",
+                    f"unknown strategy {_short(strategy)}; accepted: {list(self.strategies)}",
                 )
             )
         if req.k is not None and req.k < 1:
@@ -448,10 +480,12 @@ class RequestValidator:
                 [cands.upstream_score, *(cands.dense[name] for name in self._item_dense)],
                 dtype=np.float64,
             ).astype(np.float32)  # [1 + Fid, n]
-        for j in np.flatnonzero(~np.isfinite(user_dense)):
+        # Not just finite: values near float32's limit overflow inside the model (squares in
+        # the upstream z-score and layer norms) and come back as NaN scores, a 500.
+        for j in np.flatnonzero(~(np.abs(user_dense) <= MAX_ABS_NUMBER)):
             name = self._user_dense[j]
             errors.append(FieldError(f"user.dense.{name}", _overflow_message(user.dense[name])))
-        bad = ~np.isfinite(floats)
+        bad = ~(np.abs(floats) <= MAX_ABS_NUMBER)
         if bad.any():
             for r in np.flatnonzero(bad.any(axis=1)):
                 i = int(np.argmax(bad[r]))
@@ -507,12 +541,20 @@ class RequestValidator:
         )
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """``repr(text)``, cut to ``limit`` characters: client strings are echoed in error replies."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _vocab_message(value: int, vocab: int) -> str:
     return f"index {value} is outside the vocabulary [0, {vocab}) (0 = unknown)"
 
 
 def _overflow_message(value: float) -> str:
-    return f"{value!r} does not fit in float32"
+    if abs(value) > _FLOAT32_MAX:
+        return f"{value!r} does not fit in float32"
+    bound = f"{MAX_ABS_NUMBER:.0e}".replace("e+0", "e").replace("e+", "e")  # "1e9"
+    return f"{value!r} is too large: numbers must be within [-{bound}, {bound}]"
 
 
 # --------------------------------------------------------------------------- payload builders

@@ -23,10 +23,10 @@ class RerankInput:
 
     item_ids: list[str]  # [n], unique
     user_cat: np.ndarray  # [len(spec.user_categorical)] int64, 0 = unknown
-    user_dense: np.ndarray  # [len(spec.user_dense)] float32, finite
+    user_dense: np.ndarray  # [len(spec.user_dense)] float32, |x| <= schema.MAX_ABS_NUMBER
     item_cat: np.ndarray  # [n, len(spec.item_categorical)] int64, each in [0, vocab_size)
-    item_dense: np.ndarray  # [n, len(spec.item_dense)] float32, finite
-    upstream_score: np.ndarray  # [n] float32, finite
+    item_dense: np.ndarray  # [n, len(spec.item_dense)] float32, likewise
+    upstream_score: np.ndarray  # [n] float32, likewise
     category: np.ndarray  # [n] int64 (0 when the client sends none): diversity generators
     creator: np.ndarray  # [n] int64 (0 when the client sends none)
     m: int  # list length to serve, 1 <= m <= n
@@ -59,9 +59,13 @@ class RerankService(Protocol):
     strategies: tuple[str, ...]  # accepted values of RerankInput.strategy; the first is default
     max_candidates: int  # requests with more candidates are rejected (422)
     max_list_length: int  # the longest list the model can write (m above it: 422)
+    # Optional: the longest item id in characters (longer: 422); services without it get
+    # schema.DEFAULT_MAX_ITEM_ID_LENGTH (a Protocol cannot declare an attribute optional).
 
     def rerank(self, request: RerankInput) -> RerankResult: ...
 
     def cache_stats(self) -> dict[str, float]:
-        """``hits``, ``misses``, ``size``, ``capacity``, ``hit_rate`` (0 when unused)."""
+        """``hits``, ``misses``, ``size`` and ``capacity`` (items), ``bytes`` and
+        ``capacity_bytes`` (the cache's own byte count and bound), ``hit_rate`` (0 when unused);
+        a service may leave out any of them."""
         ...
