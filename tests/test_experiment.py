@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,10 @@ def test_config_model_mismatch_and_bad_override(sim: Path, tmp_path: Path) -> No
     result = CliRunner().invoke(main, ["train", "--model", "nar4rec", "--data", str(sim),
                                        "--out", str(tmp_path / "r"), "--set", "trian.lr=1"])
     assert result.exit_code == 1 and "trian" in result.output
+    result = CliRunner().invoke(main, ["train", "--model", "nar4rec", "--data",
+                                       str(tmp_path / "no-data"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "no-data" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]  # no run folder written
 
 
 def test_evaluate_with_each_decoder(sim: Path, tmp_path: Path) -> None:
@@ -148,3 +153,118 @@ def test_warning_when_most_lists_have_no_positive_label(sim: Path) -> None:
                 for s in train._labels) for i in range(len(train))]))
     with pytest.warns(UserWarning, match="no positive label"):
         assert warn_unlabelled(train, share=0.0) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- incomplete runs
+
+NAR = (*TINY, "model.dim=16", "model.heads=2")
+
+
+def test_a_run_without_run_config_is_refused_not_decoded_greedily(sim: Path,
+                                                                  tmp_path: Path) -> None:
+    from genrerank.data.dataset import RerankDataset
+    from genrerank.experiment import IncompleteRunError, evaluate_run, run_decoding
+    from genrerank.serving.runtime import load_reranker
+    from tests.serving._runs import make_run
+
+    run = make_run(tmp_path / "run", "nar4rec", RerankDataset(sim, "test").spec,
+                   decode={"name": "contrastive", "alpha": 0.2})
+    # A checkpoint folder stands for its run.
+    assert run_decoding(run / "best") == {"name": "contrastive", "alpha": 0.2}
+    (run / "run_config.json").unlink()  # what a kill before the end of train leaves
+    message = (f"run {run} is incomplete: run_config.json missing (train writes it last, with "
+               "the selected decoder); re-run train or --resume")
+    for target in (run, run / "best"):
+        with pytest.raises(IncompleteRunError, match=re.escape(message)):
+            run_decoding(target)
+        with pytest.raises(IncompleteRunError, match=re.escape(message)):
+            evaluate_run(target, sim)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_reranker(run_dir=run)  # genrerank serve --run
+    result = CliRunner().invoke(main, ["evaluate", "--run", str(run), "--data", str(sim)])
+    assert result.exit_code == 1 and result.output == f"Error: {message}\n"
+    with pytest.raises(FileNotFoundError, match=f"run folder {tmp_path / 'nope'} not found"):
+        run_decoding(tmp_path / "nope")
+
+
+def test_a_train_failing_in_its_first_epoch_leaves_no_run_folder(sim: Path,
+                                                                  tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "run"
+    sets = [a for s in (*NAR, "train.select_metric=ndcg") for a in ("--set", s)]
+    result = CliRunner().invoke(main, ["train", "--model", "nar4rec", "--data", str(sim),
+                                       "--out", str(run), *sets])
+    assert result.exit_code == 1
+    assert "selection metric 'ndcg' is not among the validation metrics" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_overwrite_leaves_the_folder_marked_failed(sim: Path, tmp_path: Path) -> None:
+    from genrerank.experiment import IncompleteRunError, evaluate_run, train_run
+
+    run = tmp_path / "run"
+    train_run("nar4rec", sim, run, overrides=NAR)
+    with pytest.raises(ValueError, match="'ndcg'"):
+        train_run("nar4rec", sim, run, overrides=(*NAR, "train.select_metric=ndcg"),
+                  overwrite=True)
+    # The folder the user pointed at stays; the old run in it is gone (overwrite), and so is its
+    # run_config.json: it must not describe the new, failed attempt.
+    assert sorted(p.name for p in run.iterdir()) == ["FAILED"]
+    failed = (run / "FAILED").read_text()
+    assert re.match(r"train failed while training \(at epoch 1, step \d+\): ValueError: "
+                    r"selection metric 'ndcg' is not among the validation metrics", failed)
+    with pytest.raises(IncompleteRunError, match=re.escape(f"run {run} failed ({failed.strip()})")):
+        evaluate_run(run, sim)
+
+
+def test_a_failure_choosing_the_decoder_marks_the_run_and_resume_completes_it(
+    sim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import genrerank.experiment as experiment
+
+    run = tmp_path / "run"
+    real = experiment.select_decoding
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "select_decoding", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train_run("nar4rec", sim, run, overrides=NAR)
+    assert (run / "FAILED").read_text() == (
+        "train failed while choosing the decoder: KeyboardInterrupt: interrupted\n")
+    assert (run / "best").is_dir() and not (run / "run_config.json").exists()
+    with pytest.raises(experiment.IncompleteRunError, match="choosing the decoder"):
+        experiment.run_decoding(run)
+
+    monkeypatch.setattr(experiment, "select_decoding", real)
+    experiment.train_run("nar4rec", sim, run, overrides=NAR, resume=True)
+    assert not (run / "FAILED").exists()
+    # nar4rec's packaged decoder is "auto": the resumed train made the choice the failed one
+    # could not.
+    decode = json.loads((run / "run_config.json").read_text())["decode"]
+    assert decode["selection"]["split"] == "valid"
+    assert experiment.run_decoding(run)["name"] == decode["name"] != "auto"
+
+
+def test_run_config_is_absent_while_a_resumed_run_trains(
+    sim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import genrerank.experiment as experiment
+
+    run = tmp_path / "run"
+    experiment.train_run("pointwise", sim, run, overrides=(*TINY, "model.dim=16",
+                                                           "model.hidden=16"))
+    assert (run / "run_config.json").is_file()
+    seen: list[bool] = []
+    real = experiment.ListScorer.__call__
+
+    def spy(self, model, decoder, params):
+        seen.append((run / "run_config.json").exists())
+        return real(self, model, decoder, params)
+
+    monkeypatch.setattr(experiment.ListScorer, "__call__", spy)
+    # One more epoch: best/ may change, so the old decoder choice must not stand meanwhile.
+    experiment.train_run("pointwise", sim, run, overrides=(
+        *TINY, "model.dim=16", "model.hidden=16", "train.epochs=2"), resume=True)
+    assert seen and not any(seen)
+    assert (run / "run_config.json").is_file()

@@ -2,6 +2,13 @@
 ``genrerank evaluate`` do, usable from Python in the same few lines.
 
 The test split is touched only by :func:`evaluate_model`; training sees train and valid only.
+
+A finished run folder always holds ``best/``, ``last/``, ``metrics.jsonl``, ``tensorboard/`` and
+``run_config.json``; the last is written when everything else is done (it records the decoder
+chosen on the validation split) and removed when a train starts changing the run, so a run
+without it is incomplete (killed, failed or still training). One whose train failed also holds
+``FAILED`` (:data:`~genrerank.training.trainer.FAILED_FILE`, the error). Evaluate, export and
+serve refuse both (:func:`check_run`) rather than guess a decoder.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from genrerank.evaluation.online import evaluate_online
 from genrerank.losses import build_objective
 from genrerank.models import build_model
 from genrerank.training import TrainConfig, Trainer, load_model, load_run_config, seed_everything
+from genrerank.training.checkpoint import META_FILE
+from genrerank.training.trainer import FAILED_FILE, mark_failed
 from genrerank.utils.io import atomic_write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -39,6 +48,11 @@ ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6)
 PENALTY_GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 #: Decoder options that ``"auto"`` resolves on the validation split, and their grids.
 AUTO_GRIDS: dict[str, tuple[float, ...]] = {"alpha": ALPHA_GRID, "penalty": PENALTY_GRID}
+
+
+class IncompleteRunError(ValueError):
+    """A run that ``train`` did not finish (failed, killed or still running): its selected
+    decoder is unknown, so it is neither evaluated nor exported nor served."""
 
 
 def model_defaults(model_name: str) -> Path | None:
@@ -87,9 +101,16 @@ def train_run(
         validate_fn = scorer.validate_fn()
     trainer = Trainer(model, objective, train, valid, train_cfg, out_dir, validate_fn,
                       loss_config=cfg["loss"], overwrite=overwrite or resume)
-    best = trainer.fit(resume=resume)
-    cfg["decode"] = select_decoding(model, valid, cfg["decode"], train, scorer=scorer)
-    atomic_write_json(Path(out_dir) / RUN_CONFIG, {**cfg, "data": str(data_dir)})
+    run_config = Path(out_dir) / RUN_CONFIG
+    # Once training is under way best/ changes: the run is incomplete until the decoder is
+    # chosen for the new best/ (a stale run_config.json would pair it with the old choice).
+    best = trainer.fit(resume=resume, on_start=lambda: run_config.unlink(missing_ok=True))
+    try:
+        cfg["decode"] = select_decoding(model, valid, cfg["decode"], train, scorer=scorer)
+        atomic_write_json(run_config, {**cfg, "data": str(data_dir)})
+    except BaseException as exc:  # the checkpoints stay (--resume redoes the choice)
+        mark_failed(out_dir, exc, "choosing the decoder")
+        raise
     return best
 
 
@@ -162,8 +183,11 @@ def decoder_candidates(model: torch.nn.Module) -> list[tuple[str, dict[str, Any]
         return [("greedy", {}), ("beam", {"beam_width": 4, "k": 1})]
     # Contrastive decoding penalises similarity to the items already chosen in the model's own
     # representation space; the satiation decoder in category space (a fixed similarity kernel);
-    # the context decoder applies the category-transition table the model learned.
-    learned = [("context", {})] if getattr(model, "list_context", None) is not None else []
+    # the context decoder applies the category-transition table the model learned, alone or with
+    # a same-category penalty on top (the table cannot learn satiation from logged lists).
+    learned = []
+    if getattr(model, "list_context", None) is not None:
+        learned = [("context", {}), *[("context", {"penalty": p}) for p in PENALTY_GRID if p > 0]]
     return [("greedy", {}), *[("contrastive", {"alpha": a}) for a in ALPHA_GRID if a > 0],
             *[("satiation", {"penalty": p}) for p in PENALTY_GRID if p > 0], *learned,
             ("hungarian", {})]
@@ -286,10 +310,34 @@ def fit_propensities(train: RerankDataset) -> np.ndarray | None:
         return None
 
 
+def check_run(run_dir: str | Path) -> Path:
+    """The run folder of ``run_dir`` (a run, or its ``best/`` / ``last/`` checkpoint), refused
+    with :class:`IncompleteRunError` when its train failed or did not finish."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} not found")
+    run = run_dir.parent if (run_dir / META_FILE).is_file() else run_dir
+    failed = run / FAILED_FILE
+    if failed.is_file():
+        lines = failed.read_text(errors="replace").strip().splitlines() or ["(no reason recorded)"]
+        raise IncompleteRunError(f"run {run} failed ({lines[0]}); fix the cause and re-run "
+                                 "train, or --resume from its last checkpoint")
+    if not (run / RUN_CONFIG).is_file():
+        raise IncompleteRunError(f"run {run} is incomplete: {RUN_CONFIG} missing (train writes "
+                                 "it last, with the selected decoder); re-run train or --resume")
+    return run
+
+
 def run_decoding(run_dir: str | Path) -> dict[str, Any]:
-    """The decoding strategy a run was trained for (``auto`` choices already resolved)."""
-    path = Path(run_dir) / RUN_CONFIG
-    run_cfg = json.loads(path.read_text()) if path.exists() else {}
+    """The decoding strategy a run was trained for (``auto`` choices already resolved); refuses
+    an incomplete or failed run (:func:`check_run`) instead of falling back to greedy."""
+    path = check_run(run_dir) / RUN_CONFIG
+    try:
+        run_cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(run_cfg, dict):
+        raise ValueError(f"{path}: not a run config (a JSON object)")
     decode_cfg = dict(run_cfg.get("decode") or {"name": "greedy"})
     decode_cfg.pop("selection", None)
     return decode_cfg
@@ -305,8 +353,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run's selected (best) model on ``split`` of ``data_dir``."""
     run_dir = Path(run_dir)
+    decode_cfg = run_decoding(run_dir)  # first: a failed or unfinished run is refused
     model, meta = load_model(run_dir, "best")
-    decode_cfg = run_decoding(run_dir)
     if decoder is not None and decoder != decode_cfg.get("name"):
         decode_cfg = {"name": decoder}
     decode_cfg.update(decoder_params or {})

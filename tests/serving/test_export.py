@@ -8,8 +8,10 @@ exports what it needs itself. Tests that write export folders use their own path
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -24,11 +26,13 @@ from click.testing import CliRunner
 from genrerank.cli import main
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.decoding import DecodedLists, decode
+from genrerank.experiment import IncompleteRunError
 from genrerank.models.base import RerankModel
 from genrerank.serving import export, parity
 from genrerank.serving.export import (
     MANIFEST_FILE,
     ExportError,
+    ManifestError,
     export_run,
     load_manifest,
     model_version,
@@ -397,10 +401,15 @@ def test_load_manifest_names_the_missing_or_broken_file(tmp_path: Path) -> None:
         load_manifest(tmp_path)
     assert "not valid JSON" in str(info.value)
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(ExportError, match=r"not a genrerank\.onnx v1 manifest"):
+    with pytest.raises(ExportError, match=r"not a genrerank\.onnx manifest"):
         load_manifest(tmp_path)
-    with pytest.raises(ExportError, match="not a genrerank.onnx"):
-        OnnxModel(tmp_path)  # what `genrerank serve --onnx` reports
+    # A ValueError too: `genrerank serve --onnx` reports it in one line, not a traceback.
+    with pytest.raises(ValueError, match="not a genrerank.onnx"):
+        OnnxModel(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "genrerank.onnx",
+                                                      "format_version": 99}))
+    with pytest.raises(ManifestError, match="manifest version 99; this genrerank reads version 2"):
+        load_manifest(tmp_path)
 
 
 def test_model_version_follows_the_weights(
@@ -438,3 +447,179 @@ def test_cli_export_prints_the_parity_line(
     assert all(float(v) <= TOLERANCE for v in diffs.values()), diffs
     assert load_manifest(out)["model_version"] == version
     assert "int8 graphs" not in result.output
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _private_copy(factory: pytest.TempPathFactory, tmp_path: Path, name: str) -> Path:
+    """A copy of the shared export of ``name``, free to damage."""
+    onnx_dir, _ = shared_export(factory, name)
+    return Path(shutil.copytree(onnx_dir, tmp_path / "onnx"))
+
+
+def _edit_manifest(onnx_dir: Path, edit: Any) -> None:
+    manifest = json.loads((onnx_dir / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (onnx_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_the_manifest_hashes_every_file_of_the_export(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    onnx_dir, manifest = shared_export(tmp_path_factory, "pointwise")  # with int8 graphs
+    on_disk = {p.name for p in onnx_dir.iterdir()} - {MANIFEST_FILE}
+    assert set(manifest["files"]) == on_disk == {
+        "item_tower.onnx", "model.onnx", "item_tower.int8.onnx", "model.int8.onnx"}
+    assert manifest["files"] == {name: _sha256(onnx_dir / name) for name in on_disk}
+    assert manifest["format_version"] == 2
+
+
+def test_a_swapped_graph_is_refused_naming_the_file(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    onnx_dir = _private_copy(tmp_path_factory, tmp_path, "pointwise")
+    graph = onnx_dir / "model.onnx"
+    expected = load_manifest(onnx_dir)["files"]["model.onnx"]
+    OnnxModel(onnx_dir)  # intact: loads
+    # Another model's valid graph with the same inputs and outputs: ONNX Runtime would serve it.
+    other, _ = shared_export(tmp_path_factory, "prm")
+    shutil.copyfile(other / "model.onnx", graph)
+    actual = _sha256(graph)
+    assert actual != expected
+    message = (f"{graph.resolve()}: sha256 {actual[:12]}... differs from the manifest's "
+               f"{expected[:12]}... (the file changed after export)")
+    with pytest.raises(ManifestError, match=re.escape(message)) as info:
+        OnnxModel(onnx_dir)
+    assert "\n" not in str(info.value)
+    assert f"re-export: genrerank export --run {shared_run(tmp_path_factory, 'pointwise')}" in (
+        str(info.value))
+    from genrerank.serving.runtime import load_reranker
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_reranker(onnx_dir=onnx_dir)
+    # The command line: exit code 1 and the one line, before anything listens.
+    result = CliRunner().invoke(main, ["serve", "--onnx", str(onnx_dir), "--port", "0"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_changed_int8_graph_blocks_the_float_graphs_too(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Every file of the folder is checked, not only those about to be loaded: the folder as a
+    # whole is no longer what was exported.
+    onnx_dir = _private_copy(tmp_path_factory, tmp_path, "pointwise")
+    with (onnx_dir / "item_tower.int8.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match=r"item_tower\.int8\.onnx: sha256 .* differs"):
+        OnnxModel(onnx_dir)
+
+
+def test_a_missing_or_unhashed_graph_is_refused(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    onnx_dir = _private_copy(tmp_path_factory, tmp_path, "prm")
+    (onnx_dir / "item_tower.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"item_tower\.onnx: listed in .*manifest\.json but "
+                                            "missing"):
+        OnnxModel(onnx_dir)
+
+    onnx_dir = _private_copy(tmp_path_factory, tmp_path / "b", "prm")
+    _edit_manifest(onnx_dir, lambda m: m["files"].pop("model.onnx"))
+    with pytest.raises(ManifestError, match="graph file 'model.onnx' has no hash in 'files'"):
+        OnnxModel(onnx_dir)
+    # Deleting all hashes does not switch the check off.
+    _edit_manifest(onnx_dir, lambda m: m.pop("files"))
+    with pytest.raises(ManifestError, match="no file hashes, so the graphs cannot be verified"):
+        OnnxModel(onnx_dir)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "nested_dotdot", "absolute", "windows_absolute"])
+def test_manifest_paths_outside_the_folder_are_refused(
+    kind: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    onnx_dir = _private_copy(tmp_path_factory, tmp_path, "prm")
+    # A real graph with its true hash outside the folder: only the path check can stop it.
+    outside = tmp_path / "x.onnx"
+    shutil.copyfile(onnx_dir / "model.onnx", outside)
+    name = {"dotdot": "../x.onnx", "nested_dotdot": "sub/../../x.onnx",
+            "absolute": str(outside), "windows_absolute": "C:\\exports\\x.onnx"}[kind]
+
+    def point_outside(manifest: dict[str, Any]) -> None:
+        manifest["graphs"]["model"]["file"] = name
+        manifest["files"][name] = _sha256(outside)
+
+    _edit_manifest(onnx_dir, point_outside)
+    with pytest.raises(ManifestError, match=re.escape(
+            f"{onnx_dir / MANIFEST_FILE}: file name {name!r} leaves the export folder "
+            "(absolute paths and '..' are refused)")):
+        OnnxModel(onnx_dir)
+
+
+def test_a_symlink_out_of_the_folder_is_refused(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    onnx_dir = _private_copy(tmp_path_factory, tmp_path, "prm")
+    outside = tmp_path / "elsewhere" / "model.onnx"
+    outside.parent.mkdir()
+    os.replace(onnx_dir / "model.onnx", outside)  # same bytes, same hash: only the link differs
+    (onnx_dir / "model.onnx").symlink_to(outside)
+    with pytest.raises(ManifestError, match=re.escape(
+            f"file 'model.onnx' resolves to {outside.resolve()}, outside the export folder")):
+        OnnxModel(onnx_dir)
+    # A link that stays inside the folder is fine, and so is a linked export folder.
+    (onnx_dir / "model.onnx").unlink()
+    os.replace(outside, onnx_dir / "real-model.onnx")
+    (onnx_dir / "model.onnx").symlink_to("real-model.onnx")
+    (tmp_path / "current").symlink_to(onnx_dir)
+    assert OnnxModel(tmp_path / "current").sessions.keys() == {"item_tower", "model"}
+
+
+def test_an_export_from_before_hashes_is_refused_with_a_re_export_hint(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    onnx_dir = _private_copy(tmp_path_factory, tmp_path, "prm")
+
+    def make_v1(manifest: dict[str, Any]) -> None:
+        manifest["format_version"] = 1
+        del manifest["files"]
+
+    _edit_manifest(onnx_dir, make_v1)
+    run = shared_run(tmp_path_factory, "prm").resolve()
+    with pytest.raises(ManifestError, match=re.escape(
+            f"{onnx_dir / MANIFEST_FILE}: exported by an older genrerank without file hashes, "
+            f"so its graphs cannot be verified; re-export: genrerank export --run {run} "
+            f"--out {onnx_dir}")):
+        OnnxModel(onnx_dir)
+
+
+# --------------------------------------------------------------------------- incomplete runs
+
+
+def test_an_incomplete_or_failed_run_is_not_exported(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_graphs(*_: Any) -> dict[str, Any]:
+        raise AssertionError("an incomplete run must be refused before any work")
+
+    monkeypatch.setattr(export, "_export_graphs", no_graphs)
+    run = Path(shutil.copytree(shared_run(tmp_path_factory, "nar4rec"), tmp_path / "run"))
+    (run / "run_config.json").unlink()  # killed after best/, before its decoder was chosen
+    out = tmp_path / "onnx"
+    with pytest.raises(IncompleteRunError, match=re.escape(
+            f"run {run} is incomplete: run_config.json missing")):
+        export_run(run, out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (run / "run_config.json").write_text("{}")
+    (run / "FAILED").write_text("train failed while training (at epoch 2, step 9): OSError: disk "
+                                "full\n")
+    result = CliRunner().invoke(main, ["export", "--run", str(run), "--out", str(out)])
+    assert result.exit_code == 1
+    assert (f"run {run} failed (train failed while training (at epoch 2, step 9): OSError: disk "
+            "full); fix the cause and re-run train, or --resume") in result.output
+    assert not out.exists()

@@ -313,3 +313,45 @@ def test_bad_checkpoint_json_is_named(copy_run):
     (copy_run / "last" / "checkpoint.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(CheckpointError, match="not a genrerank checkpoint"):
         load_model(copy_run, "last")
+
+
+# --------------------------------------------------------------------------- stale temp folders
+
+
+def test_remove_stale_temps_removes_only_its_own_temp_folders(data, tmp_path):
+    train, _ = data
+    save_checkpoint(tmp_path / "last", make_model(train.spec), {"step": 1})
+    stale = [tmp_path / ".last.tmp-k1ll3d", tmp_path / ".best.tmp-abc_12"]
+    for path in stale:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\x00" * 10)  # half-written, as on a kill
+    # Look-alikes that are not its temp folders, and a moved-aside checkpoint _recover needs.
+    keep_dirs = [".last.old-4242", ".other.tmp-1", "last.tmp-1", ".lastx.tmp-1", "notes"]
+    for name in keep_dirs:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".best.tmp-file").write_text("a file, not a folder")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("x")
+    (tmp_path / ".last.tmp-link").symlink_to(elsewhere)
+
+    assert ckpt.remove_stale_temps(tmp_path) == sorted(stale)
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*keep_dirs, ".best.tmp-file", ".last.tmp-link", "elsewhere", "last"])
+    assert (elsewhere / "precious").read_text() == "x"
+    assert ckpt.read_meta(tmp_path / "last")["step"] == 1
+    assert ckpt.remove_stale_temps(tmp_path) == []
+
+
+def test_a_resumed_trainer_cleans_the_temp_folders_a_killed_one_left(data, copy_run):
+    train, valid = data
+    stale = copy_run / ".last.tmp-dead01"
+    stale.mkdir()
+    (stale / "checkpoint.json").write_text("{")
+    aside = copy_run / ".best.old-999"  # not a temp folder: left alone
+    aside.mkdir()
+    Trainer(make_model(train.spec), TinyObjective(), train, valid, small_config(epochs=3),
+            copy_run).fit(resume=True)
+    assert not stale.exists() and aside.is_dir()
+    assert ckpt.read_meta(copy_run / "last")["epoch"] == 3

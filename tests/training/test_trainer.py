@@ -4,6 +4,7 @@ run config."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,115 @@ def test_resume_needs_a_checkpoint_and_fresh_needs_an_empty_dir(data, tmp_path):
         make_trainer(data, tmp_path / "run", small_config(epochs=1)).fit()
     make_trainer(data, tmp_path / "run", small_config(epochs=1), overwrite=True).fit()
     assert len(read_history(tmp_path / "run")) == 1
+
+
+# --------------------------------------------------------------------------- damaged history
+
+
+@pytest.mark.parametrize("tail", ['{"epoch": 3, "step": 30, "lr": 0.0', "\x00" * 64])
+def test_resume_drops_a_cut_short_last_metrics_line_with_a_warning(data, tmp_path, tail):
+    out = tmp_path / "run"
+    make_trainer(data, out, small_config(epochs=2)).fit()
+    path = out / "metrics.jsonl"
+    with path.open("a") as fh:
+        fh.write(tail)  # no newline: the write of line 3 was cut off
+    trainer = make_trainer(data, out, small_config(epochs=3))
+    with pytest.warns(UserWarning, match=re.escape(
+            f"{path}, line 3: cut short or not valid JSON (a write interrupted by a crash or a "
+            "full disk); dropped it")):
+        trainer.fit(resume=True)
+    assert [h["epoch"] for h in read_history(out)] == [1, 2, 3]
+    assert not (out / "FAILED").exists()
+
+
+def test_resume_refuses_a_damaged_metrics_line_before_the_last(data, tmp_path):
+    out = tmp_path / "run"
+    make_trainer(data, out, small_config(epochs=2)).fit()
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    damaged = f"{lines[0]}\n{lines[1][:20]}\n{lines[1]}\n"
+    path.write_text(damaged)
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: not valid JSON (")):
+        make_trainer(data, out, small_config(epochs=3)).fit(resume=True)
+    assert path.read_text() == damaged  # left for the user to look at
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["epoch"] == 2
+
+
+# --------------------------------------------------------------------------- failed runs
+
+
+class Boom:
+    """A validate_fn that fails on evaluation ``at`` (1-based), with ``exc``."""
+
+    def __init__(self, at: int, exc: BaseException | None = None) -> None:
+        self.at, self.calls = at, 0
+        self.exc = exc or RuntimeError("bad batch")
+
+    def __call__(self, model, loader) -> dict[str, float]:
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.exc
+        return {}
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("bad batch"), KeyboardInterrupt()])
+def test_a_fit_failing_before_its_first_checkpoint_removes_the_folders_it_made(
+    data, tmp_path, exc
+):
+    out = tmp_path / "runs" / "new" / "run"
+    started = []
+    trainer = make_trainer(data, out, small_config(epochs=2), validate_fn=Boom(1, exc))
+    with pytest.raises(type(exc)):
+        trainer.fit(on_start=lambda: started.append(out.is_dir()))
+    assert started == [True]  # the folder existed, then was removed again
+    assert list(tmp_path.iterdir()) == []  # runs/new/ made by the fit go too
+
+
+def test_a_fit_failing_in_a_folder_it_did_not_make_keeps_it_marked_failed(data, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    trainer = make_trainer(data, out, small_config(epochs=2), validate_fn=Boom(1))
+    with pytest.raises(RuntimeError, match="bad batch"):
+        trainer.fit()
+    assert sorted(p.name for p in out.iterdir()) == ["FAILED", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "the user's"
+    steps = trainer.steps_per_epoch
+    assert (out / "FAILED").read_text() == (
+        f"train failed while training (at epoch 1, step {steps}): RuntimeError: bad batch\n")
+    # A later train in the same folder starts clean: the marker goes once it has begun.
+    make_trainer(data, out, small_config(epochs=1)).fit()
+    assert not (out / "FAILED").exists() and (out / "best").is_dir()
+
+
+def test_a_fit_failing_after_a_checkpoint_keeps_the_run_for_resume(data, tmp_path):
+    out = tmp_path / "run"
+    config = small_config(epochs=3)
+    straight = make_trainer(data, tmp_path / "straight", config)
+    straight.fit()
+    with pytest.raises(RuntimeError, match="bad batch"):
+        make_trainer(data, out, config, validate_fn=Boom(2)).fit()
+    assert {"last", "best", "metrics.jsonl", "tensorboard", "FAILED"} <= {
+        p.name for p in out.iterdir()}
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["epoch"] == 1
+    assert "(at epoch 2, step" in (out / "FAILED").read_text()
+    make_trainer(data, out, config, model_seed=5).fit(resume=True)
+    assert not (out / "FAILED").exists()
+    assert_same_tensors(weights(tmp_path / "straight" / "last" / "model.safetensors"),
+                        weights(out / "last" / "model.safetensors"))
+
+
+def test_refused_starts_change_nothing(data, tmp_path):
+    out = tmp_path / "run"
+    make_trainer(data, out, small_config(epochs=1)).fit()
+    before = sorted(p.name for p in out.iterdir())
+    called = []
+    with pytest.raises(FileExistsError):  # a run is there and overwrite was not given
+        make_trainer(data, out, small_config(epochs=1)).fit(on_start=lambda: called.append(1))
+    assert sorted(p.name for p in out.iterdir()) == before and called == []
+    with pytest.raises(FileNotFoundError):
+        make_trainer(data, tmp_path / "none", small_config(epochs=1)).fit(resume=True)
+    assert not (tmp_path / "none").exists()
 
 
 def test_tensorboard_and_metrics_files(data, tmp_path):

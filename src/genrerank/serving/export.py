@@ -29,6 +29,16 @@ is run on a fixed set of synthetic requests (ragged, with padding) and compared 
 lists). The folder is written to a temporary name and renamed when complete, so a failed export
 never leaves a half-written or mixed folder behind.
 
+Integrity: ``files`` in the manifest maps every file of the folder (graphs, int8 graphs and any
+external-data file the exporter wrote; the manifest aside) to its sha256. Loading
+(:func:`verified_files`, used by :class:`~genrerank.serving.onnx_model.OnnxModel`) re-hashes them
+all and refuses a folder where one differs, so a swapped ``model.onnx`` cannot serve under the
+old ``model_version``; every name in the manifest must stay inside the folder (no absolute path,
+no ``..``, no symlink resolving outside). Manifests of format version 1 (before hashes) are
+refused with a request to re-export: accepting them would let anyone bypass the check by
+deleting ``files``, and an export is cheap to redo from its run. The check guards the files at
+rest, not against a writer racing the loader.
+
 ``quantize=True`` also writes ``*.int8.onnx`` (ONNX Runtime dynamic int8 quantization of the
 weights of matrix multiplications); its differences from PyTorch are measured and recorded, not
 required to pass the float tolerance.
@@ -45,7 +55,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -68,15 +78,21 @@ __all__ = [
     "MANIFEST_FILE",
     "PARITY_TOLERANCE",
     "ExportError",
+    "ManifestError",
+    "export_path",
     "export_run",
+    "file_sha256",
+    "load_manifest",
     "make_batch",
     "model_version",
     "synthetic_requests",
+    "verified_files",
 ]
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "genrerank.onnx"
-FORMAT_VERSION = 1
+#: 2: ``files`` holds the sha256 of every file; 1 had no hashes (refused, see the docstring).
+FORMAT_VERSION = 2
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
 
@@ -85,6 +101,83 @@ log = logging.getLogger(__name__)
 
 class ExportError(RuntimeError):
     """An export that could not be written or failed its parity check."""
+
+
+class ManifestError(ExportError, ValueError):
+    """An export folder that cannot be loaded: an unreadable or foreign manifest, a name that
+    leaves the folder, a missing file or one whose sha256 differs from the manifest's. Also a
+    ValueError, so the command line reports it in one line (like other bad input)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (graphs can be large)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def export_path(onnx_dir: str | Path, name: Any) -> Path:
+    """The resolved path of ``name``, a file named in the manifest of ``onnx_dir``; refused
+    unless it is a relative path that stays inside the folder, symlinks followed."""
+    where = Path(onnx_dir) / MANIFEST_FILE
+    if not isinstance(name, str) or not name.strip():
+        raise ManifestError(f"{where}: file name {name!r} is not a relative path")
+    # Both syntaxes: a name written on one system may be read on the other.
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.anchor or ".." in pure.parts:
+            raise ManifestError(f"{where}: file name {name!r} leaves the export folder "
+                                "(absolute paths and '..' are refused)")
+    try:
+        root = Path(onnx_dir).resolve()
+        path = (root / name).resolve()
+    except (OSError, ValueError) as exc:  # a symlink loop, a NUL byte
+        raise ManifestError(f"{where}: file name {name!r} cannot be resolved ({exc})") from None
+    if not path.is_relative_to(root):
+        raise ManifestError(f"{where}: file {name!r} resolves to {path}, outside the export "
+                            f"folder {root} (a symlink?)")
+    return path
+
+
+def _hash_folder(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the manifest, by relative POSIX name."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE}
+
+
+def verified_files(onnx_dir: str | Path, manifest: dict[str, Any], int8: bool = False
+                   ) -> dict[str, Path]:
+    """``{graph: path}`` of the float (or ``int8``) graphs, after checking that every file the
+    manifest lists is inside the folder and has the sha256 recorded at export time."""
+    onnx_dir = Path(onnx_dir)
+    where = onnx_dir / MANIFEST_FILE
+    hashes = manifest.get("files")
+    if not isinstance(hashes, dict) or not hashes:
+        raise ManifestError(f"{where}: no file hashes, so the graphs cannot be verified; "
+                            f"re-export: {_reexport(onnx_dir, manifest)}")
+    for name, expected in hashes.items():
+        path = export_path(onnx_dir, name)
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise ManifestError(f"{where}: the hash of {name!r} is not a sha256 hex digest")
+        if not path.is_file():
+            raise ManifestError(f"{path}: listed in {where} but missing; restore it or "
+                                f"re-export: {_reexport(onnx_dir, manifest)}")
+        actual = file_sha256(path)
+        if actual != expected.lower():
+            raise ManifestError(f"{path}: sha256 {actual[:12]}... differs from the manifest's "
+                                f"{expected[:12]}... (the file changed after export); restore "
+                                f"it or re-export: {_reexport(onnx_dir, manifest)}")
+    graphs = manifest["int8_graphs"] if int8 else {
+        g: info["file"] for g, info in manifest["graphs"].items()}
+    out = {}
+    for graph, name in graphs.items():
+        out[graph] = export_path(onnx_dir, name)
+        if name not in hashes:  # a graph outside the hashes would escape the check
+            raise ManifestError(f"{where}: graph file {name!r} has no hash in 'files'")
+    return out
+
+
+def _reexport(onnx_dir: Path, manifest: dict[str, Any]) -> str:
+    return f"genrerank export --run {manifest.get('source_run') or 'RUN'} --out {onnx_dir}"
 
 
 def model_version(run_dir: str | Path, which: str = "best") -> str:
@@ -420,6 +513,7 @@ def export_run(
     if out_dir.is_dir() and not (out_dir / MANIFEST_FILE).is_file() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not an ONNX export folder; refusing to "
                               "replace it")
+    decode = run_decoding(run_dir)  # first: refuses a failed or unfinished run before any work
     model, meta = load_model(run_dir, "best")
     model.eval()
     spec = model.spec
@@ -447,7 +541,7 @@ def export_run(
             "max_list_length": model.input_limits()[1],
             "feature_spec": spec.to_dict(),
             "model_config": meta.get("model_config") or {},
-            "decode": run_decoding(run_dir),
+            "decode": decode,
             # The learned list-context table, for the ``context`` decoder outside the graphs.
             "list_context": (
                 None if getattr(model, "list_context", None) is None or model.stepwise
@@ -461,6 +555,9 @@ def export_run(
         }
         if quantize:
             manifest["int8_graphs"] = _quantize(tmp, graphs)
+        # Every file written so far, hashed before the parity check so that it loads the
+        # graphs through the same verification as serving does.
+        manifest["files"] = _hash_folder(tmp)
         if check:
             from genrerank.serving.parity import check_parity
 
@@ -487,8 +584,16 @@ def load_manifest(onnx_dir: str | Path) -> dict[str, Any]:
                                 "`genrerank export --run RUN --out DIR`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise ManifestError(f"{path}: exported by an older genrerank without file hashes, so "
+                            "its graphs cannot be verified; re-export: "
+                            f"{_reexport(Path(onnx_dir), manifest)}")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{path}: {FORMAT} manifest version {version!r}; this genrerank "
+                            f"reads version {FORMAT_VERSION}")
     return manifest

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from genrerank.data.schema import FeatureSpec
-from genrerank.serving.export import load_manifest
+from genrerank.serving.export import load_manifest, verified_files
 
 __all__ = ["OnnxModel", "session_options"]
 
@@ -37,7 +37,12 @@ def session_options(intra_op_threads: int = 1, spinning: bool = False) -> Any:
 
 
 class OnnxModel:
-    """The graphs of one export folder. ``int8=True`` loads the quantized graphs."""
+    """The graphs of one export folder. ``int8=True`` loads the quantized graphs.
+
+    Every file the manifest lists is checked against its sha256 first, and every name must stay
+    inside the folder (:func:`~genrerank.serving.export.verified_files`): a changed or swapped
+    graph raises :class:`~genrerank.serving.export.ManifestError` naming the file.
+    """
 
     def __init__(self, onnx_dir: str | Path, intra_op_threads: int = 1, int8: bool = False,
                  spinning: bool = False, manifest: dict[str, Any] | None = None) -> None:
@@ -49,19 +54,16 @@ class OnnxModel:
         self.kind: str = self.manifest["kind"]
         self.stepwise: bool = self.manifest["stepwise"]
         self.name: str = self.manifest["model_name"]
-        files = {g: info["file"] for g, info in self.manifest["graphs"].items()}
-        if int8:
-            if "int8_graphs" not in self.manifest:
-                raise ValueError(f"{onnx_dir}: exported without int8 graphs; re-export with "
-                                 "--quantize")
-            files = dict(self.manifest["int8_graphs"])
+        if int8 and "int8_graphs" not in self.manifest:
+            raise ValueError(f"{onnx_dir}: exported without int8 graphs; re-export with "
+                             "--quantize")
+        files = verified_files(self.dir, self.manifest, int8=int8)
         self.int8 = int8
         self.version = self.manifest["model_version"] + ("-int8" if int8 else "")
         options = session_options(intra_op_threads, spinning)
         self.sessions = {
-            g: ort.InferenceSession(str(self.dir / f), options,
-                                    providers=["CPUExecutionProvider"])
-            for g, f in files.items()
+            g: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for g, path in files.items()
         }
         if self.stepwise:
             self.step_inputs = [i.name for i in self.sessions["step"].get_inputs()]

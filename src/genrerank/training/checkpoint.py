@@ -10,9 +10,11 @@ A checkpoint is a folder::
                             state, RNG states (python, numpy, torch)
 
 A run folder holds two: ``last/`` (to resume) and ``best/`` (the selected model). A checkpoint is
-written into a temporary folder beside its target and renamed into place, so a crash mid-write
-leaves the previous checkpoint whole; a crash between the two renames of a replace is repaired
-on the next read or write (see :func:`_recover`).
+written into a temporary folder beside its target (``.last.tmp-*``, ``.best.tmp-*``) and renamed
+into place, so a crash mid-write leaves the previous checkpoint whole; a crash between the two
+renames of a replace is repaired on the next read or write (see :func:`_recover`), and the
+temporary folders a killed process left are removed when a trainer next starts in the run
+(:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,27 @@ def _recover(target: Path) -> None:
         # Failing that (e.g. read-only), the read that follows names the missing file.
         with contextlib.suppress(OSError):
             os.replace(olds[-1], target)
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary checkpoint folders (``.best.tmp-*``, ``.last.tmp-*``) in ``run_dir``
+    that a killed :func:`save_checkpoint` left behind; returns those removed. Nothing else is
+    touched: not ``.*.old-*`` (it may hold the only copy, see :func:`_recover`), not files, not
+    symlinks. A temporary folder is never the only copy of a checkpoint, but one being written
+    right now looks the same: call this only from the process that owns the run (a trainer
+    starting or resuming), never while another writes to it."""
+    removed = []
+    for name in CHECKPOINTS:
+        for path in Path(run_dir).glob(_tmp_prefix(Path(name)) + "*"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                if not path.exists():
+                    removed.append(path)
+    return sorted(removed)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -215,7 +238,7 @@ def save_checkpoint(
     target = Path(ckpt_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), dir=target.parent))
     try:
         doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
         doc.update(model_meta(model))

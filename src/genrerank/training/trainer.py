@@ -15,6 +15,14 @@ training had never stopped, because
 
 Outputs in ``out_dir``: ``last/`` and ``best/`` checkpoints (see :mod:`.checkpoint`),
 ``metrics.jsonl`` (one JSON line per evaluation) and ``tensorboard/`` event files.
+
+A fit that fails (an exception, Ctrl-C) leaves no half-made run: before its first checkpoint it
+removes the folder if it created it, or else what it wrote there, and marks the folder with
+``FAILED`` (the error, one line); once a checkpoint exists the folder is kept for ``--resume``
+and marked ``FAILED``. Starting or resuming removes a stale ``FAILED`` and the temporary
+checkpoint folders a killed process left (:func:`.checkpoint.remove_stale_temps`). On resume a
+cut-short last line of ``metrics.jsonl`` (disk full, power loss) is dropped with a warning; a
+damaged line before it is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -41,20 +49,25 @@ from tqdm.auto import tqdm
 
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.training.checkpoint import (
+    CHECKPOINTS,
     MODEL_FILE,
     CheckpointError,
     load_checkpoint,
     load_tensors_into,
+    remove_stale_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from genrerank.training.config import TrainConfig
+from genrerank.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+#: Marks a run whose train failed; holds the error. Evaluate, export and serve refuse such runs.
+FAILED_FILE = "FAILED"
 
 ValidateFn = Callable[[nn.Module, DataLoader], dict[str, float]]
 
@@ -88,6 +101,17 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         set_rng_state(state)
+
+
+def mark_failed(out_dir: str | Path, exc: BaseException, during: str) -> None:
+    """Write ``out_dir/FAILED``: one line naming the error and what was being done. Never
+    raises (the caller is handling ``exc`` already); a failure to write is logged."""
+    reason = " ".join(str(exc).split()) or "interrupted"
+    line = f"train failed while {during}: {type(exc).__name__}: {reason}"
+    try:
+        atomic_write_text(Path(out_dir) / FAILED_FILE, line + "\n")
+    except OSError as err:
+        logger.warning("could not write %s: %s", Path(out_dir) / FAILED_FILE, err)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -230,13 +254,16 @@ class Trainer:
                 self.objective.train(was_training)
         return metrics
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(
+        self, resume: bool = False, on_start: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
         """Train until ``epochs`` or early stopping; returns the best validation metrics plus
         ``epoch`` and ``step`` of that evaluation. Leaves the model holding the best weights.
 
         ``resume=True`` continues from ``out_dir/last`` (model, optimizer, counters, best metric,
         patience counter, RNG states): stopping and resuming gives the same weights as never
-        stopping.
+        stopping. ``on_start`` is called once the run folder is claimed (fresh start or restore
+        succeeded), before training changes it. On failure see the module docstring.
         """
         cfg = self.config
         torch.set_num_threads(cfg.num_threads)
@@ -247,29 +274,42 @@ class Trainer:
         optimizer = self._make_optimizer()
         self.history, self.stop_reason = [], None
         self.calibration = self._calibrate_objective()
+        created = _missing_folders(self.out_dir)
+        # Refusals here (no checkpoint to resume, a run already there) change nothing on disk.
         if resume:
             self.state = self._restore(optimizer)
         else:
             self._start_fresh()
             self.state = TrainerState()
-            # Feature statistics come from the training split only; a resumed run has them in
-            # its checkpoint already.
-            fit_statistics = getattr(self.model, "fit_statistics", None)
-            if fit_statistics is not None:
-                fit_statistics(self.train_data)
-        self._trim_history(self.state.step)
-
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step hides events a crashed run logged after the checkpoint we resume from
-        # (those at the checkpoint's own step were logged before it was written: keep them).
-        writer = SummaryWriter(
-            str(self.out_dir / TENSORBOARD_DIR), purge_step=self.state.step + 1 if resume else None
-        )
         try:
-            self._loop(optimizer, writer)
-        finally:
-            writer.close()
+            (self.out_dir / FAILED_FILE).unlink(missing_ok=True)
+            for path in remove_stale_temps(self.out_dir):
+                logger.info("removed %s, left by a killed checkpoint write", path)
+            if on_start is not None:
+                on_start()
+            if not resume:
+                # Feature statistics come from the training split only; a resumed run has them
+                # in its checkpoint already.
+                fit_statistics = getattr(self.model, "fit_statistics", None)
+                if fit_statistics is not None:
+                    fit_statistics(self.train_data)
+            self._trim_history(self.state.step)
+
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events a crashed run logged after the checkpoint we resume from
+            # (those at the checkpoint's own step were logged before it was written: keep them).
+            writer = SummaryWriter(
+                str(self.out_dir / TENSORBOARD_DIR),
+                purge_step=self.state.step + 1 if resume else None,
+            )
+            try:
+                self._loop(optimizer, writer)
+            finally:
+                writer.close()
+        except BaseException as exc:
+            self._abandon(exc, created)
+            raise
 
         state = self.state
         if state.best_metrics is None:  # cannot happen: training always ends with an evaluation
@@ -517,6 +557,34 @@ class Trainer:
             "trainer_state": dataclasses.asdict(state),
         }
 
+    def _has_checkpoint(self) -> bool:
+        """Any checkpoint in the run folder, including one moved aside by a crashed replace."""
+        out = self.out_dir
+        return any((out / name).exists() or any(out.glob(f".{name}.old-*"))
+                   for name in CHECKPOINTS)
+
+    def _abandon(self, exc: BaseException, created: list[Path]) -> None:
+        """Clean up after a failed fit (see the module docstring); never raises."""
+        out = self.out_dir
+        # The epoch as metrics.jsonl counts it: epochs completed, fractional mid-epoch.
+        during = f"training (at epoch {self._epoch_position()}, step {self.state.step})"
+        try:
+            if self._has_checkpoint():  # resumable: keep everything
+                mark_failed(out, exc, during)
+                return
+            if created:  # nothing worth keeping, in folders this fit made
+                shutil.rmtree(out, ignore_errors=True)
+                for parent in created[1:]:  # innermost first; only while empty
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+                return
+            # The user's folder: remove only this fit's files, and say why the run is not there.
+            (out / METRICS_FILE).unlink(missing_ok=True)
+            shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+            mark_failed(out, exc, during)
+        except OSError as err:
+            logger.warning("could not clean up the failed run in %s: %s", out, err)
+
     def _start_fresh(self) -> None:
         out = self.out_dir
         existing = [p for p in (self.last_dir, self.best_dir) if p.exists()]
@@ -555,19 +623,51 @@ class Trainer:
         return TrainerState(**{k: v for k, v in meta["trainer_state"].items() if k in fields})
 
     def _trim_history(self, step: int) -> None:
-        """Keep metrics.jsonl lines up to ``step`` (later ones belong to a crashed run)."""
+        """Keep metrics.jsonl lines up to ``step`` (later ones belong to a crashed run). Only the
+        last line can be cut short by a crash mid-append: it is dropped with a warning; a bad
+        line before it means the file was damaged otherwise, an error naming file and line."""
         path = self.out_dir / METRICS_FILE
         if not path.exists():
             path.write_text("")
             return
+        # A crash can leave any bytes (NULs after a power loss): decode without failing.
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
         kept = []
-        for line in path.read_text().splitlines():
-            if line.strip():
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                if record.get("step", 0) <= step:
-                    kept.append(line)
-                    self.history.append(record)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:  # json.JSONDecodeError included
+                if i == last:
+                    warnings.warn(
+                        f"{path}, line {i + 1}: cut short or not valid JSON (a write "
+                        "interrupted by a crash or a full disk); dropped it",
+                        stacklevel=3,
+                    )
+                    continue
+                raise ValueError(
+                    f"{path}, line {i + 1}: not valid JSON ({exc}); only the last line can be "
+                    "cut short by a crash, so the file was damaged: fix or delete that line, "
+                    "then resume"
+                ) from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
+                self.history.append(record)
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first: what creating
+    ``path`` would make (and so what a failed fit may remove again)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _loss_values(total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[str, float]:
