@@ -231,28 +231,62 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
               help="Intra-op threads of the model.")
 @click.option("--cache-size", type=click.IntRange(0), default=100_000, show_default=True,
               help="Items in the item-embedding cache (0: no cache).")
+@click.option("--cache-bytes", type=click.IntRange(0), default=64 * 2**20, show_default=True,
+              help="Bytes the item-embedding cache may hold, ids and overhead included "
+                   "(0: no cache).")
+@click.option("--max-item-id-length", type=click.IntRange(1), default=256, show_default=True,
+              help="Longest item id accepted, in characters (longer: 422).")
 @click.option("--max-candidates", type=click.IntRange(1), default=500, show_default=True)
 @click.option("--timeout-ms", type=click.FloatRange(1), default=1000.0, show_default=True,
-              help="Per-request model timeout (504 past it).")
+              help="Per-request deadline, model queue included (504 past it; a request still "
+                   "queued then is dropped without running).")
+@click.option("--max-queue", type=click.IntRange(1), default=8, show_default=True,
+              help="Requests that may wait for the model behind the running one; more are "
+                   "answered 503 with Retry-After at once.")
+@click.option("--header-timeout-s", type=click.FloatRange(0, min_open=True), default=5.0,
+              show_default=True, help="Seconds to receive a request head (408 and closed past "
+                                      "it; a connection that sends nothing is closed).")
+@click.option("--body-timeout-s", type=click.FloatRange(0, min_open=True), default=10.0,
+              show_default=True, help="Seconds to receive a request body after its head "
+                                      "(408 and closed past it).")
+@click.option("--drain-s", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="On SIGTERM: /readyz answers 503 and requests are still served this long, "
+                   "then the server stops listening and finishes the requests in flight.")
 @click.option("--log-level", default="warning", show_default=True)
 @_user_errors
 def serve(run_dir: Path | None, onnx_dir: Path | None, int8: bool,
           pipeline_config: Path | None, host: str, port: int, threads: int, cache_size: int,
-          max_candidates: int, timeout_ms: float, log_level: str) -> None:
+          cache_bytes: int, max_item_id_length: int, max_candidates: int, timeout_ms: float,
+          max_queue: int, header_timeout_s: float, body_timeout_s: float, drain_s: float,
+          log_level: str) -> None:
     """Serve POST /v1/rerank (+ /healthz, /readyz, /metrics, /docs) over HTTP."""
-    import uvicorn
+    from genrerank.serving.server import bind_socket, run_server
 
-    from genrerank.serving.app import create_app
-    from genrerank.serving.runtime import load_reranker
+    # Bound before torch and the model load: a busy port fails in one line, at once.
+    sock = bind_socket(host, port)
+    try:
+        from genrerank.serving.app import create_app
+        from genrerank.serving.runtime import load_reranker
 
-    service = load_reranker(run_dir, onnx_dir, threads=threads, int8=int8,
-                            cache_size=cache_size, max_candidates=max_candidates,
-                            pipeline_config=pipeline_config)
-    app = create_app(service, timeout_s=timeout_ms / 1000.0)
-    backend = service.backend.name
-    click.echo(f"serving {service.model_version} ({backend}, {threads} thread(s), strategies "
-               f"{', '.join(service.strategies)}) on http://{host}:{port} (docs: /docs)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        service = load_reranker(run_dir, onnx_dir, threads=threads, int8=int8,
+                                cache_size=cache_size, cache_bytes=cache_bytes,
+                                max_candidates=max_candidates,
+                                max_item_id_length=max_item_id_length,
+                                pipeline_config=pipeline_config)
+        app = create_app(service, timeout_s=timeout_ms / 1000.0, max_queue=max_queue,
+                         body_timeout_s=body_timeout_s)
+        backend = service.backend.name
+
+        def announce(bound_host: str, bound_port: int) -> None:
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host  # IPv6
+            click.echo(f"serving {service.model_version} ({backend}, {threads} thread(s), "
+                       f"strategies {', '.join(service.strategies)}) on "
+                       f"http://{shown}:{bound_port} (docs: /docs)")
+
+        run_server(app, sock, header_timeout_s=header_timeout_s, drain_s=drain_s,
+                   log_level=log_level, on_listening=announce)
+    finally:
+        sock.close()
 
 
 @main.group()

@@ -76,7 +76,8 @@ class FakeService:
         )
 
     def cache_stats(self) -> dict[str, float]:
-        return {"hits": 3, "misses": 1, "size": 4, "capacity": 100, "hit_rate": 0.75}
+        return {"hits": 3, "misses": 1, "size": 4, "capacity": 100, "hit_rate": 0.75,
+                "bytes": 2048, "capacity_bytes": 65536}
 
 
 VALID_PAYLOAD: dict[str, Any] = {

@@ -383,6 +383,8 @@ def test_metrics(client: TestClient) -> None:
     assert "genrerank_item_cache_hits_total 3.0" in text
     assert "genrerank_item_cache_misses_total 1.0" in text
     assert "genrerank_item_cache_size 4.0" in text
+    assert "genrerank_item_cache_bytes 2048.0" in text
+    assert "genrerank_item_cache_capacity_bytes 65536.0" in text
     assert 'genrerank_model_info{model_version="fake-1"} 1.0' in text
     assert "genrerank_ready 1.0" in text
 
@@ -460,3 +462,176 @@ def test_docs_and_openapi(client: TestClient) -> None:
     assert "RerankResponse" in json.dumps(operation["responses"]["200"])
     assert "422" in operation["responses"]
     assert "/healthz" in spec["paths"] and "/readyz" in spec["paths"]
+
+
+# ---------------------------------------------------------------------------- overload
+
+
+def _metric_value(client: TestClient, sample: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not in /metrics")
+
+
+def _wait_metric(client: TestClient, sample: str, value: float, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _metric_value(client, sample) != value:
+        assert time.monotonic() < deadline, f"{sample} never reached {value}"
+        time.sleep(0.01)
+
+
+class _HeldService(FakeService):
+    """Every call (the warm-up included) waits for ``hold``: up to 60 s, not FakeService's 5 s,
+    so a slow machine cannot release it before the test does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = threading.Event()
+
+    def rerank(self, request: Any) -> Any:
+        self.hold.wait(60.0)
+        return super().rerank(request)
+
+
+def test_a_full_queue_is_503_with_retry_after_at_once() -> None:
+    """The worker is held (the warm-up is held), 2 requests wait in the queue
+    (max_queue=2): the next one is refused at once with 503 and Retry-After, the 2 queued
+    ones are served once the worker is free."""
+    service = _HeldService()
+    with TestClient(create_app(service, timeout_s=60.0, max_queue=2, retry_after_s=3)) as c:
+        _wait_metric(c, "genrerank_model_busy", 1.0)  # the warm-up holds the worker
+        answers: list[Any] = []
+
+        def post(request_id: str) -> None:
+            payload = valid_payload()
+            payload["request_id"] = request_id
+            answers.append(c.post("/v1/rerank", json=payload))
+
+        queued = [threading.Thread(target=post, args=(f"q{i}",)) for i in range(2)]
+        for thread in queued:
+            thread.start()
+        _wait_metric(c, "genrerank_queue_waiting", 2.0)
+        assert _metric_value(c, "genrerank_queue_limit") == 2.0
+
+        start = time.perf_counter()
+        refused = c.post("/v1/rerank", json=valid_payload())
+        elapsed = time.perf_counter() - start
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "3"
+        assert refused.json()["error"] == "overloaded"
+        assert elapsed < 2.0  # answered at once, not after the queue (generous bound)
+
+        service.hold.set()
+        for thread in queued:
+            thread.join(10.0)
+        assert sorted(a.status_code for a in answers) == [200, 200]
+        assert wait_ready(c).status_code == 200
+        text = c.get("/metrics").text
+        assert 'genrerank_requests_total{endpoint="/v1/rerank",status="503"} 1.0' in text
+        assert 'genrerank_errors_total{kind="overloaded"} 1.0' in text
+    assert [call.request_id for call in service.calls[1:]] in (["q0", "q1"], ["q1", "q0"])
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_not_run() -> None:
+    service = _HeldService()
+    with TestClient(create_app(service, timeout_s=0.2)) as c:
+        _wait_metric(c, "genrerank_model_busy", 1.0)  # the warm-up holds the worker
+        payload = valid_payload()
+        payload["request_id"] = "late"
+        response = c.post("/v1/rerank", json=payload)
+        assert response.status_code == 504 and response.json()["error"] == "timeout"
+        assert _metric_value(c, "genrerank_queue_waiting") == 0.0  # taken out of the queue
+        service.hold.set()
+        assert wait_ready(c).status_code == 200
+        assert c.post("/v1/rerank", json=valid_payload()).status_code == 200
+    assert "late" not in [call.request_id for call in service.calls]
+    assert len(service.calls) == 2  # the warm-up and the last request
+
+
+def test_draining_turns_readiness_off_and_closes_connections(
+    client: TestClient, service: FakeService
+) -> None:
+    from genrerank.serving.app import start_draining
+
+    start_draining(client.app)  # type: ignore[arg-type]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+    assert ready.headers["connection"] == "close"
+    served = client.post("/v1/rerank", json=valid_payload())  # still served
+    assert served.status_code == 200 and served.headers["connection"] == "close"
+    assert "genrerank_ready 0.0" in client.get("/metrics").text
+
+
+def test_overload_settings_are_checked(service: FakeService) -> None:
+    with pytest.raises(ValueError, match="max_queue"):
+        create_app(service, max_queue=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        create_app(service, body_timeout_s=0)
+
+
+def test_openapi_documents_503_and_408(client: TestClient) -> None:
+    responses = client.get("/openapi.json").json()["paths"]["/v1/rerank"]["post"]["responses"]
+    assert "Retry-After" in responses["503"]["headers"]
+    assert "408" in responses and "504" in responses
+
+
+# ---------------------------------------------------------------------------- ModelQueue
+
+
+def test_model_queue_bound_cancel_deadline_and_close() -> None:
+    import asyncio
+
+    from genrerank.serving.app import DeadlinePassed, ModelQueue, QueueClosed
+
+    async def scenario() -> None:
+        queue = ModelQueue(2)
+        started, release = threading.Event(), threading.Event()
+        ran: list[str] = []
+
+        def blocker() -> str:
+            started.set()
+            release.wait(5.0)
+            return "first"
+
+        first = queue.submit(blocker)
+        assert first is not None
+        assert await asyncio.to_thread(started.wait, 5.0)
+        assert queue.busy and queue.waiting == 0
+
+        expiring = queue.submit(lambda: ran.append("expiring"), time.perf_counter() + 0.05)
+        cancelled = queue.submit(lambda: ran.append("cancelled"))
+        assert expiring is not None and cancelled is not None
+        assert queue.full() and queue.submit(lambda: ran.append("refused")) is None
+        assert queue.cancel(cancelled) and not queue.cancel(cancelled)
+        assert not queue.full()
+        failing = queue.submit(lambda: 1 / 0)
+        assert failing is not None
+        await asyncio.sleep(0.1)  # the deadline of `expiring` passes while it waits
+        release.set()
+
+        assert await first.future == "first"
+        with pytest.raises(DeadlinePassed):
+            await expiring.future
+        with pytest.raises(ZeroDivisionError):
+            await failing.future
+        assert ran == []  # neither the expired nor the cancelled call ran
+
+        started.clear()
+        release.clear()
+        held = queue.submit(blocker)
+        pending = queue.submit(lambda: ran.append("pending"))
+        assert held is not None and pending is not None
+        assert await asyncio.to_thread(started.wait, 5.0)
+        queue.close()
+        release.set()
+        with pytest.raises(QueueClosed):
+            await pending.future
+        assert await held.future == "first"  # the running call finishes
+        with pytest.raises(QueueClosed):
+            queue.submit(lambda: None)
+        assert ran == []
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="max_waiting"):
+        ModelQueue(0)

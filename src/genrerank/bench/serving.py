@@ -35,6 +35,16 @@ Method, per (backend, preset):
   psutil CPU times, 100 % = one core) and memory: RSS sampled every ``sample_s`` and the
   kernel's peak mark ``VmHWM`` of ``/proc/<pid>/status``, reset at the start of the step where
   the kernel allows it (``/proc/<pid>/clear_refs``), so it is the step's own peak.
+- **Overload step** (presets in ``overload_presets``, n = 60 by default), after the ramp, on the
+  same server: its capacity is measured first, closed loop (``capacity_connections``
+  connections each sending the next request as soon as the previous one is answered, for
+  ``capacity_duration_s``; capacity = 2xx answers per second), then an open-loop step offers
+  ``overload_factor`` x that rate from ``overload_connections`` connections (enough that the
+  client never limits how many requests reach the server) for ``overload_duration_s``.
+  Recorded: the admitted (2xx) requests' latency, the share of 503s and their latency (from the
+  due time, and from the send time: how fast the server refuses), whether each 503 carried
+  ``Retry-After``, every other error, late answers, and the server's RSS right before and
+  after the step (flat = no growth beyond 5 %).
 - The load generator shares the machine with the server (asyncio, one thread; its CPU use per
   step is recorded as ``client_cores``). Before each step the benchmark waits (up to
   ``max_wait_quiet_s``) until other processes are quiet, as ``bench latency`` does, and records
@@ -83,6 +93,8 @@ MALFORMED_KINDS = ("nan", "duplicate_id", "m_gt_n", "unknown_feature", "empty_ca
                    "not_json")
 #: The issue's latency target: p99 at this rate for requests with this many candidates.
 TARGET_P99_MS, TARGET_RATE, TARGET_N = 15.0, 200.0, 60
+#: The overload targets: admitted requests' p99, the 503s' p99 (send to answer), RSS growth.
+TARGET_OVERLOAD_P99_MS, TARGET_REFUSAL_MS, TARGET_RSS_GROWTH = 50.0, 5.0, 0.05
 LOAD_METHOD = (
     "open loop: request i is due at t0 + i / rate regardless of earlier answers; latency = end "
     "of the response - due time (waiting for a free keep-alive connection included: no "
@@ -117,6 +129,16 @@ class ServingSettings:
     max_wait_quiet_s: float = 30.0  # ... but no longer than this
     data_seed: int = 0
     seed: int = 0  # train.seed
+    # The overload step (see the module doc); presets it runs for (n = 60: the issue's target).
+    overload: bool = True
+    overload_presets: tuple[str, ...] = ("kuaishou",)
+    overload_factor: float = 2.0  # offered load, x the measured capacity
+    overload_connections: int = 64
+    overload_duration_s: float = 10.0
+    overload_max_requests: int = 20_000
+    capacity_connections: int = 4  # closed loop; <= the server's queue bound + 1: no 503s
+    capacity_duration_s: float = 5.0
+    max_queue: int | None = None  # the server's --max-queue (None: its default)
     host: str = "127.0.0.1"
     work_dir: str | None = None  # data, runs, exports, server logs; None = a temporary folder
     is_quick: bool = False  # names the output files (serving_quick.*) and the report
@@ -129,7 +151,8 @@ class ServingSettings:
     def quick(cls) -> ServingSettings:
         return cls(rates=(50.0, 200.0), duration_s=3.0, max_requests=1200, warmup_s=1.0,
                    drain_s=3.0, pool_size=100, n_requests=1000, max_wait_quiet_s=10.0,
-                   is_quick=True)
+                   overload_duration_s=3.0, overload_max_requests=5000,
+                   capacity_duration_s=2.0, is_quick=True)
 
 
 def output_paths(out_dir: str | Path, quick: bool) -> dict[str, Path]:
@@ -148,13 +171,17 @@ def http_request(host: str, port: int, path: str, body: bytes, method: str = "PO
     return head.encode("ascii") + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """``(status, body, connection closes)``: the status line and the framing headers only."""
+async def _read_response(
+    reader: asyncio.StreamReader,
+) -> tuple[int, bytes, bool, bytes | None]:
+    """``(status, body, connection closes, Retry-After)``: the status line, the framing headers
+    and Retry-After only."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(None, 2)[1])
     length: int | None = None
     chunked = close = False
+    retry_after: bytes | None = None
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -164,6 +191,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
             chunked = b"chunked" in value.lower()
         elif name == b"connection":
             close = value.strip().lower() == b"close"
+        elif name == b"retry-after":
+            retry_after = value.strip()
     if chunked:
         parts = []
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
@@ -175,7 +204,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
         body = await reader.readexactly(length)
     else:  # no framing: the body runs to the end of the connection
         body, close = await reader.read(), True
-    return status, body, close
+    return status, body, close, retry_after
 
 
 def server_timings(body: bytes) -> dict[str, float] | None:
@@ -207,6 +236,9 @@ class _Tally:
     timing_sums: Counter[str] = field(default_factory=Counter)
     timing_counts: Counter[str] = field(default_factory=Counter)
     next_index: int = 0
+    refused: list[float] = field(default_factory=list)  # 503 answers: due -> answer, seconds
+    refused_service: list[float] = field(default_factory=list)  # 503 answers: send -> answer
+    retry_after_missing: int = 0  # 503 answers without a Retry-After header
 
 
 class _Connection:
@@ -217,6 +249,7 @@ class _Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.used = False  # has answered a request: the server may have closed it since
+        self.retry_after: bytes | None = None  # of the last answer
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -239,7 +272,7 @@ class _Connection:
             try:
                 self.writer.write(request)
                 await self.writer.drain()
-                status, body, close = await _read_response(self.reader)
+                status, body, close, self.retry_after = await _read_response(self.reader)
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 self.close()
                 stale = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
@@ -271,6 +304,7 @@ async def _worker(host: str, port: int, requests: Sequence[bytes], tally: _Tally
             if remaining <= 0:
                 return  # the rest of the schedule is late: counted from the tally at the end
             tally.sent += 1
+            sent_at = time.perf_counter()
             try:
                 async with asyncio.timeout(remaining):
                     status, body = await conn.exchange(requests[i % len(requests)])
@@ -294,6 +328,10 @@ async def _worker(host: str, port: int, requests: Sequence[bytes], tally: _Tally
                         tally.timing_counts[k] += 1
             else:
                 tally.errors[str(status)] += 1
+                if status == 503:
+                    tally.refused.append(done - due)
+                    tally.refused_service.append(done - sent_at)
+                    tally.retry_after_missing += conn.retry_after is None
     finally:
         conn.close()
 
@@ -373,6 +411,10 @@ async def open_loop(
         "latency": latency_summary(tally.latencies),
         "server_timings_ms": {k: tally.timing_sums[k] / tally.timing_counts[k]
                               for k in sorted(tally.timing_sums)},
+        # 503 answers (an overload refused): from the due time, and from the send time.
+        "refused_latency": latency_summary(tally.refused),
+        "refused_service_latency": latency_summary(tally.refused_service),
+        "retry_after_missing": tally.retry_after_missing,
         "client_cores": ((cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
                          if wall > 0 else None),
     }
@@ -382,6 +424,46 @@ def run_open_loop(host: str, port: int, requests: Sequence[bytes], rate: float,
                   duration_s: float, max_requests: int, **kwargs: Any) -> dict[str, Any]:
     """:func:`open_loop` in a fresh event loop (blocking)."""
     return asyncio.run(open_loop(host, port, requests, rate, duration_s, max_requests, **kwargs))
+
+
+async def closed_loop(host: str, port: int, requests: Sequence[bytes], connections: int,
+                      duration_s: float, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Capacity: each of ``connections`` connections sends its next request as soon as the
+    previous one is answered, for ``duration_s``; the server is never idle, so its 2xx answers
+    per second are its capacity. Non-2xx answers and connection errors are counted apart."""
+    if connections < 1 or duration_s <= 0 or not requests:
+        raise ValueError("connections, duration_s and requests must be > 0")
+    counts: Counter[str] = Counter()
+    t0 = time.perf_counter()
+    end = t0 + duration_s
+    last_done = t0
+
+    async def run(k: int) -> None:
+        nonlocal last_done
+        conn = _Connection(host, port)
+        i = k
+        try:
+            while time.perf_counter() < end:
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        status, _ = await conn.exchange(requests[i % len(requests)])
+                except (OSError, EOFError, ValueError, IndexError, asyncio.LimitOverrunError,
+                        TimeoutError):
+                    counts["connection"] += 1
+                    conn.close()
+                    continue
+                counts["ok" if 200 <= status < 300 else str(status)] += 1
+                last_done = max(last_done, time.perf_counter())
+                i += connections
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(run(k) for k in range(connections)))
+    span = last_done - t0
+    ok = counts.pop("ok", 0)
+    return {"connections": connections, "duration_s": duration_s, "ok": ok,
+            "errors": dict(sorted(counts.items())),
+            "capacity_rps": ok / span if ok and span > 0 else None}
 
 
 def http_call(host: str, port: int, method: str, path: str, body: bytes | None = None,
@@ -511,8 +593,10 @@ class ServerProcess:
 
 
 def measure_step(server: ServerProcess, requests: Sequence[bytes], rate: float,
-                 duration_s: float, settings: ServingSettings) -> dict[str, Any]:
-    """One load step against ``server``, with its CPU and memory over the step."""
+                 duration_s: float, settings: ServingSettings, *, connections: int | None = None,
+                 max_requests: int | None = None) -> dict[str, Any]:
+    """One load step against ``server``, with its CPU and memory over the step
+    (``connections`` and ``max_requests``: the settings' unless given)."""
     proc = psutil.Process(server.pid)
     family = [proc, *proc.children(recursive=True)]  # in case the server forks workers
     rss_peak = 0
@@ -537,7 +621,8 @@ def measure_step(server: ServerProcess, requests: Sequence[bytes], rate: float,
     probe = CpuProbe()
     cpu0, t0 = cpu(), time.perf_counter()
     step = run_open_loop(settings.host, server.port, requests, rate, duration_s,
-                         settings.max_requests, connections=settings.connections,
+                         max_requests or settings.max_requests,
+                         connections=connections or settings.connections,
                          drain_s=settings.drain_s, sampler=sample, sample_s=settings.sample_s)
     server_cores = (cpu() - cpu0) / max(time.perf_counter() - t0, 1e-9)
     busy, _ = probe.measure()
@@ -572,6 +657,79 @@ def stop_reason(step: Mapping[str, Any], settings: ServingSettings) -> str | Non
     if p99 is not None and p99 > settings.p99_cutoff_ms:
         return f"p99 {p99:,.0f} ms > cut-off {settings.p99_cutoff_ms:,.0f} ms"
     return None
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).memory_info().rss) / 2**20
+    except psutil.Error:
+        return None
+
+
+def overload_step(server: ServerProcess, requests: Sequence[bytes],
+                  settings: ServingSettings) -> dict[str, Any]:
+    """Capacity (closed loop), then an open-loop step at ``overload_factor`` x capacity from
+    ``overload_connections`` connections; see the module doc."""
+    wait_for_quiet(settings.busy_cores, settings.max_wait_quiet_s)
+    capacity = asyncio.run(closed_loop(settings.host, server.port, requests,
+                                       settings.capacity_connections,
+                                       settings.capacity_duration_s))
+    out: dict[str, Any] = {"capacity": capacity, "capacity_rps": capacity["capacity_rps"],
+                           "factor": settings.overload_factor,
+                           "connections": settings.overload_connections}
+    if not capacity["capacity_rps"]:
+        out["error"] = f"no 2xx answer while measuring capacity: {capacity['errors']}"
+        return out
+    rate = settings.overload_factor * capacity["capacity_rps"]
+    waited = wait_for_quiet(settings.busy_cores, settings.max_wait_quiet_s)
+    rss_before = _rss_mib(server.pid)
+    step = measure_step(server, requests, rate, settings.overload_duration_s, settings,
+                        connections=settings.overload_connections,
+                        max_requests=settings.overload_max_requests)
+    time.sleep(settings.sample_s)  # answers just sent: let the server settle before sampling
+    rss_after = _rss_mib(server.pid)
+    refused = step["errors"].get("503", 0)
+    other = {k: v for k, v in step["errors"].items() if k != "503"}
+    growth = (rss_after - rss_before if rss_after is not None and rss_before is not None
+              else None)
+    out |= {
+        "offered_rps": rate,
+        "scheduled": step["scheduled"],
+        "admitted": step["ok"],
+        "refused_503": refused,
+        "refused_share": refused / step["scheduled"] if step["scheduled"] else None,
+        "other_errors": other,
+        "other_error_count": sum(other.values()),
+        "late": step["late"],
+        "retry_after_missing": step["retry_after_missing"],
+        "achieved_rps": step["achieved_rps"],
+        "admitted_latency": step["latency"],
+        "refused_latency": step["refused_latency"],
+        "refused_service_latency": step["refused_service_latency"],
+        "rss_before_mib": rss_before,
+        "rss_after_mib": rss_after,
+        "rss_growth_mib": growth,
+        "rss_growth_share": growth / rss_before if growth is not None and rss_before else None,
+        "server": step["server"],
+        "server_timings_ms": step["server_timings_ms"],
+        "client_cores": step["client_cores"],
+        "other_processes_cores": step["other_processes_cores"],
+        "waited_for_quiet_s": waited,
+        "ready_after": server.ready(),
+    }
+    return out
+
+
+def _overload_line(cfg: Mapping[str, Any], o: Mapping[str, Any]) -> str:
+    if "error" in o:
+        return f"{cfg['backend']} {cfg['preset']} overload: {o['error']}"
+    return (f"{cfg['backend']} {cfg['preset']} overload: capacity {_num(o['capacity_rps'])}/s, "
+            f"offered {_num(o['offered_rps'])}/s from {o['connections']} connections: "
+            f"admitted {o['admitted']} (p99 {_ms(o['admitted_latency']['p99_ms'])} ms), "
+            f"503 {o['refused_503']} ({100 * (o['refused_share'] or 0):.0f} %, p99 "
+            f"{_ms(o['refused_service_latency']['p99_ms'])} ms from send), other errors "
+            f"{o['other_error_count']}, late {o['late']}, RSS {_num(o['rss_before_mib'])} -> "
+            f"{_num(o['rss_after_mib'])} MiB")
 
 
 # ---------------------------------------------------------------------------- sanity pass
@@ -722,10 +880,11 @@ def request_pool(data_dir: str | Path, m: int, size: int) -> list[dict[str, Any]
 
 
 def server_command(backend_args: Sequence[str], host: str, port: int,
-                   threads: int) -> list[str]:
+                   threads: int, max_queue: int | None = None) -> list[str]:
     exe = Path(sys.executable).parent / "genrerank"
+    extra = [] if max_queue is None else ["--max-queue", str(max_queue)]
     return [str(exe), "serve", *backend_args, "--host", host, "--port", str(port),
-            "--threads", str(threads)]
+            "--threads", str(threads), *extra]
 
 
 # ---------------------------------------------------------------------------- one configuration
@@ -736,7 +895,8 @@ def run_config(backend: str, backend_args: Sequence[str], preset: str, n: int, m
                log_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Start the server, sanity pass, warm-up, the ramp; always stops the server."""
     port = free_port(settings.host)
-    cmd = server_command(backend_args, settings.host, port, settings.threads)
+    cmd = server_command(backend_args, settings.host, port, settings.threads,
+                         settings.max_queue)
     cfg: dict[str, Any] = {"backend": backend, "preset": preset, "n": n, "m": m,
                            "command": cmd, "pool": len(payloads), "steps": []}
     requests = [http_request(settings.host, port, RERANK_PATH,
@@ -768,6 +928,9 @@ def run_config(backend: str, backend_args: Sequence[str], preset: str, n: int, m
                     cfg["stopped"] = {"after_rps": rate, "reason": reason}
                     say(f"{backend} {preset}: ramp stopped at {rate:g} requests/s: {reason}")
                     break
+            if settings.overload and preset in settings.overload_presets and server.alive():
+                cfg["overload"] = overload_step(server, requests, settings)
+                say(_overload_line(cfg, cfg["overload"]))
             cfg["ready_after"] = server.ready()
             with contextlib.suppress(OSError, http.client.HTTPException):
                 status, text = http_call(settings.host, port, "GET", "/metrics")
@@ -858,6 +1021,48 @@ def serving_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     if notes:
         line["note"] = "; ".join(notes)
     out.append(line)
+    out += overload_targets(result)
+    return out
+
+
+def overload_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The issue's overload targets, for each configuration that ran the overload step."""
+    out: list[dict[str, Any]] = []
+    for c in result["configs"]:
+        o = c.get("overload")
+        if o is None:
+            continue
+        name = f"{c['backend']}, n = {c['n']}"
+        factor = o.get("factor", result["settings"].get("overload_factor", 2.0))
+        where = f"overload at {factor:g}x capacity ({name})"
+        lines = [
+            {"target": f"{where}: admitted p99 < {TARGET_OVERLOAD_P99_MS:g} ms", "value": None},
+            {"target": f"{where}: excess answered 503 in < {TARGET_REFUSAL_MS:g} ms (p99, send "
+                       "to answer)", "value": None},
+            {"target": f"{where}: 0 other errors, 503s with Retry-After, RSS flat (<= "
+                       f"{100 * TARGET_RSS_GROWTH:g} % growth)", "value": None},
+        ]
+        if "error" in o:
+            for line in lines:
+                line |= {"status": "not measured", "note": str(o["error"])}
+            out += lines
+            continue
+        admitted, refused = o["admitted_latency"]["p99_ms"], o["refused_service_latency"]["p99_ms"]
+        for line, value, limit in ((lines[0], admitted, TARGET_OVERLOAD_P99_MS),
+                                   (lines[1], refused, TARGET_REFUSAL_MS)):
+            line["value"] = value
+            line["status"] = ("not measured" if value is None else
+                              "met" if value < limit else "not met")
+        if not o["refused_503"]:
+            lines[1]["note"] = "no request was refused: the step did not overload the server"
+        growth = o.get("rss_growth_share")
+        clean = not o["other_error_count"] and not o["late"] and not o["retry_after_missing"]
+        lines[2]["status"] = ("not measured" if growth is None else
+                              "met" if clean and growth <= TARGET_RSS_GROWTH else "not met")
+        lines[2]["note"] = (f"other errors {o['other_errors'] or 0}, late {o['late']}, 503s "
+                            f"without Retry-After {o['retry_after_missing']}, RSS "
+                            f"{_num(o['rss_before_mib'])} -> {_num(o['rss_after_mib'])} MiB")
+        out += lines
     return out
 
 
@@ -994,6 +1199,30 @@ def steps_table(result: Mapping[str, Any]) -> str:
     return markdown_table(rows)
 
 
+def overload_table(result: Mapping[str, Any]) -> str:
+    rows = []
+    for c in result["configs"]:
+        o = c.get("overload")
+        if o is None or "error" in o:
+            continue
+        adm, ref, svc = o["admitted_latency"], o["refused_latency"], o["refused_service_latency"]
+        others = ", ".join(f"{k}: {v}" for k, v in o["other_errors"].items()) or "0"
+        if o["late"]:
+            others += f" (+{o['late']} late)"
+        rows.append({
+            "backend": c["backend"], "n": c["n"], "capacity rps": _num(o["capacity_rps"]),
+            "offered rps": _num(o["offered_rps"]), "sent": o["scheduled"],
+            "admitted p50 ms": _ms(adm["p50_ms"]), "admitted p99 ms": _ms(adm["p99_ms"]),
+            "503 share": f"{100 * (o['refused_share'] or 0):.1f} %",
+            "503 p99 ms (from due)": _ms(ref["p99_ms"]),
+            "503 p99 ms (from send)": _ms(svc["p99_ms"]),
+            "no Retry-After": o["retry_after_missing"], "other errors": others,
+            "RSS before -> after MiB": f"{_num(o['rss_before_mib'])} -> "
+                                       f"{_num(o['rss_after_mib'])}",
+        })
+    return markdown_table(rows)
+
+
 def render_targets(result: Mapping[str, Any]) -> str:
     lines = ["Targets:"]
     for t in result["targets"]:
@@ -1065,6 +1294,28 @@ def serving_markdown(result: Mapping[str, Any]) -> str:
         notes.append(f"- {backend}: skipped: {why}")
     if notes:
         lines += ["## Configurations", "", *notes, ""]
+    overloads = [c for c in result["configs"] if c.get("overload") is not None]
+    if overloads:
+        lines += [
+            "## Overload",
+            "",
+            f"After the ramp, on the same server: capacity measured closed loop "
+            f"({s.get('capacity_connections')} connections, each sending its next request as "
+            f"soon as the previous one is answered, {s.get('capacity_duration_s')} s; 2xx "
+            "answers per second), then an open-loop step at "
+            f"{s.get('overload_factor')}x that rate from {s.get('overload_connections')} "
+            f"connections for {s.get('overload_duration_s')} s (or "
+            f"{s.get('overload_max_requests')} requests). Admitted = 2xx answers, latency from "
+            "the due time; 503 latency from the due time and from the send time (how fast the "
+            "server refuses); RSS of the server right before and after the step.",
+            "",
+            overload_table(result) or "(no overload step completed)",
+            "",
+        ]
+        lines += [f"- {c['backend']}, n = {c['n']}: **failed**: {c['overload']['error']}"
+                  for c in overloads if "error" in c["overload"]]
+        if any("error" in c["overload"] for c in overloads):
+            lines.append("")
     lines += [
         "## " + render_targets(result).replace("Targets:", "Targets\n"),
         "",

@@ -6,28 +6,50 @@ Endpoints:
   :mod:`genrerank.serving.schema` (the reference for clients).
 - ``GET /healthz``: ``200 {"status": "ok"}`` while the process is alive.
 - ``GET /readyz``: ``200 {"status": "ready", "model_version": ...}`` once a warm-up request
-  has gone through the model; ``503`` before that, or with the error if the warm-up failed.
-- ``GET /metrics``: Prometheus text format (request counts and latency, errors by kind, item
-  cache statistics read from ``service.cache_stats()`` at scrape time, model version).
+  has gone through the model; ``503`` before that, or with the error if the warm-up failed,
+  and ``503 {"status": "draining"}`` once the server has been asked to stop (SIGTERM).
+- ``GET /metrics``: Prometheus text format (request counts by endpoint and status, re-rank
+  latency, errors by kind, model queue depth, item cache statistics read from
+  ``service.cache_stats()`` at scrape time, model version).
 - ``GET /docs``, ``GET /openapi.json``: the generated API documentation.
 
 Model calls run one at a time on a dedicated worker thread (the model parallelises inside a
 call with intra-op threads; concurrent calls would only compete for the same cores), so the
-event loop stays free to parse, answer probes and time out slow calls.
+event loop stays free to parse, answer probes and time out slow calls. In front of the worker
+is a bounded FIFO queue (:class:`ModelQueue`, ``max_queue`` waiting calls):
 
-Run with e.g. ``uvicorn --factory`` around a function that builds the service and returns
-``create_app(service)``.
+- a request that finds the queue full is answered ``503`` with ``Retry-After`` at once, before
+  its body is parsed, so the excess of an overload is refused fast and the admitted requests
+  keep a latency of at most about ``max_queue + 1`` model calls;
+- ``timeout_s`` is each request's deadline, from its admission to the queue: a request still
+  queued at its deadline is dropped without running (``504``); a call already running is not
+  interrupted, its result is dropped (``504``);
+- a client that closes its connection while its request waits is dropped from the queue too.
+
+Status codes that never reach a client are counted too: ``499`` (the client closed the
+connection before the answer; logged at INFO, no traceback) and, from the server's protocol
+layer (:mod:`genrerank.serving.server`), requests answered before they reached the app
+(endpoint label ``unparsed``: ``400`` malformed HTTP, ``408`` request head too slow). A
+request body not received within ``body_timeout_s`` of its head is a ``408`` (and the
+connection is closed).
+
+Run with :func:`genrerank.serving.server.run_server` (what ``genrerank serve`` does: header
+and body read timeouts, a drain phase on SIGTERM), or any ASGI server around ``create_app``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import math
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -47,6 +69,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from genrerank.serving import schema as schema_module
 from genrerank.serving.schema import (
@@ -60,15 +83,22 @@ from genrerank.serving.schema import (
     format_loc,
     synthetic_payload,
 )
-from genrerank.serving.types import RerankInput, RerankResult, RerankService
+from genrerank.serving.types import RerankResult, RerankService
 
 logger = logging.getLogger("genrerank.serving")
 
 RERANK_PATH = "/v1/rerank"
 _KNOWN_PATHS = frozenset({RERANK_PATH, "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+#: The endpoint label of requests answered by the server's protocol layer (malformed HTTP,
+#: a request head that did not arrive in time): they never reached the app's routing.
+UNPARSED_ENDPOINT = "unparsed"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5)
 LATENCY_BUCKETS += (1.0, 2.5)
-ERROR_KINDS = ("validation", "timeout", "internal")
+ERROR_KINDS = ("validation", "timeout", "internal", "overloaded", "read_timeout", "client_closed")
+#: nginx's "client closed request": recorded in /metrics, never sent (nobody is listening).
+CLIENT_CLOSED = 499
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_BODY_TIMEOUT_S = 10.0
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
@@ -90,6 +120,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyReadTimeout(Exception):
+    """The request body did not arrive within the body read timeout."""
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes without reading them all into memory."""
     declared = request.headers.get("content-length")
@@ -105,6 +139,138 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# ---------------------------------------------------------------------------- the model queue
+
+
+class QueueClosed(RuntimeError):
+    """The queue was closed (the app is shutting down) before the call could run."""
+
+
+class DeadlinePassed(TimeoutError):
+    """The call's deadline passed while it was queued: it was not run."""
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None  # time.perf_counter() value; None: no deadline
+    enqueued: float
+    started: float | None = None  # set by the worker when the call starts
+
+    def settle(self, result: Any, error: BaseException | None) -> None:
+        """Hand the outcome to the event loop (called from the worker thread)."""
+        # RuntimeError: the loop is closed; nobody waits for this any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the request gave up (timeout, client gone): the outcome is dropped
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+@dataclass(eq=False)
+class ModelQueue:
+    """Calls run one at a time on one worker thread, behind a FIFO queue of at most
+    ``max_waiting`` calls (the running one not included).
+
+    ``submit`` refuses a call when the queue is full (the caller answers 503); the worker
+    drops a call whose deadline passed while it waited, without running it; ``cancel`` takes a
+    call out of the queue (its caller gave up). The worker thread starts with the first call.
+    """
+
+    max_waiting: int
+    name: str = "genrerank-model"
+    _jobs: deque[_Job] = field(default_factory=deque, init=False)
+    _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _closed: bool = field(default=False, init=False)
+    busy: bool = field(default=False, init=False)  # a call is running
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+
+    @property
+    def waiting(self) -> int:
+        return len(self._jobs)
+
+    def full(self) -> bool:
+        """Whether a call submitted now would be refused (read without the lock: a hint)."""
+        return len(self._jobs) >= self.max_waiting
+
+    def submit(self, fn: Callable[[], Any], deadline: float | None = None, *,
+               bounded: bool = True) -> _Job | None:
+        """Queue ``fn`` (call from the event loop); None when the queue is full."""
+        loop = asyncio.get_running_loop()
+        job = _Job(fn, loop.create_future(), loop, deadline, time.perf_counter())
+        with self._cond:
+            if self._closed:
+                raise QueueClosed("the model queue is closed")
+            if bounded and len(self._jobs) >= self.max_waiting:
+                return None
+            self._jobs.append(job)
+            if self._thread is None:
+                # A daemon: a model call stuck forever must not keep the process alive.
+                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: _Job) -> bool:
+        """Take ``job`` out of the queue; True if it was still waiting (it will never run)."""
+        with self._cond:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                return False
+        return True
+
+    def close(self) -> None:
+        """Stop the worker after its current call; calls still waiting fail with QueueClosed."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._jobs)
+            self._jobs.clear()
+            self._cond.notify_all()
+        for job in pending:
+            job.settle(None, QueueClosed("the server is shutting down"))
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self.busy = True
+            try:
+                now = time.perf_counter()
+                if job.future.cancelled():
+                    continue
+                if job.deadline is not None and now >= job.deadline:
+                    job.settle(None, DeadlinePassed(f"waited {now - job.enqueued:.3f} s"))
+                    continue
+                job.started = now
+                try:
+                    result, error = job.fn(), None
+                except Exception as exc:  # handed to the request, which answers 500
+                    result, error = None, exc
+                job.settle(result, error)
+            finally:
+                self.busy = False
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
 class _Metrics:
     """The app's Prometheus metrics, in a registry of its own (several apps per process)."""
 
@@ -112,7 +278,8 @@ class _Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "genrerank_requests",
-            "HTTP requests by endpoint and status code",
+            "HTTP requests by endpoint and status code (499: the client closed the connection "
+            f"first; endpoint {UNPARSED_ENDPOINT}: answered before reaching the app)",
             ["endpoint", "status"],
             registry=self.registry,
         )
@@ -124,7 +291,7 @@ class _Metrics:
         )
         self.errors = Counter(
             "genrerank_errors",
-            "Failed re-rank requests by kind (validation, timeout, internal)",
+            "Failed requests by kind (" + ", ".join(ERROR_KINDS) + ")",
             ["kind"],
             registry=self.registry,
         )
@@ -138,9 +305,28 @@ class _Metrics:
         )
         self.model_info.labels(str(service.model_version)).set(1)
         self.ready = Gauge(
-            "genrerank_ready", "1 once the warm-up request succeeded", registry=self.registry
+            "genrerank_ready",
+            "1 once the warm-up request succeeded, 0 again while draining",
+            registry=self.registry,
+        )
+        self.queue_waiting = Gauge(
+            "genrerank_queue_waiting", "Model calls waiting in the queue", registry=self.registry
+        )
+        self.queue_limit = Gauge(
+            "genrerank_queue_limit",
+            "Most model calls that may wait; more are answered 503",
+            registry=self.registry,
+        )
+        self.model_busy = Gauge(
+            "genrerank_model_busy", "1 while a model call runs", registry=self.registry
         )
         self.registry.register(_CacheCollector(service))
+
+    def record_unparsed(self, status: int) -> None:
+        """Count a request the server's protocol layer answered itself (400, 408)."""
+        self.requests.labels(UNPARSED_ENDPOINT, str(status)).inc()
+        if status == 408:
+            self.errors.labels("read_timeout").inc()
 
 
 class _CacheCollector(Collector):
@@ -170,22 +356,69 @@ class _CacheCollector(Collector):
             ("hit_rate", "Item cache hit rate (0 when unused)"),
             ("size", "Items in the item cache"),
             ("capacity", "Capacity of the item cache"),
+            ("bytes", "Bytes held by the item cache (ids, fingerprints, vectors, overhead)"),
+            ("capacity_bytes", "Byte bound of the item cache"),
         ):
             if key in stats:
                 name = f"genrerank_item_cache_{key}"
                 yield GaugeMetricFamily(name, help_text, value=float(stats[key]))
 
 
+@dataclass
+class _AppState:
+    ready: bool = False
+    warmup_error: str | None = None
+    # Set from a signal handler (start_draining): a plain attribute write, nothing that locks.
+    draining: bool = False
+
+
+def start_draining(app: FastAPI) -> None:
+    """Begin the drain phase: /readyz answers 503 and every response closes its connection
+    (clients reconnect elsewhere); requests are still served. Safe in a signal handler."""
+    app.state.serving_state.draining = True
+
+
+def _json_bytes(error: str, detail: str) -> bytes:
+    return json.dumps({"error": error, "detail": detail}).encode()
+
+
+@dataclass
+class _Refusal:
+    """The 503 answer of an overload, built once."""
+
+    queue_full: Callable[[], bool]
+    body: bytes
+    retry_after_s: int
+    headers: list[tuple[bytes, bytes]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.headers = [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(self.body)).encode()),
+                        (b"retry-after", str(self.retry_after_s).encode())]
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=503, media_type="application/json",
+                        headers={"retry-after": str(self.retry_after_s)})
+
+
 class _CountRequests:
-    """Pure-ASGI middleware: request counts by endpoint/status, and re-rank latency.
+    """Pure-ASGI middleware: request counts by endpoint/status, re-rank latency, the body read
+    timeout, client disconnects, and ``Connection: close`` while draining.
 
     Pure ASGI rather than ``@app.middleware``: BaseHTTPMiddleware adds ~100 us per request.
     Unknown paths are counted as ``other`` so scanners cannot blow up label cardinality.
     """
 
-    def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: _Metrics, state: _AppState,
+                 body_timeout_s: float, refusal: _Refusal) -> None:
         self.app = app
         self.metrics = metrics
+        self.state = state
+        self.body_timeout_s = body_timeout_s
+        self.refusal = refusal
+        self.timeout_body = _json_bytes(
+            "request timeout",
+            f"the request body was not received within {body_timeout_s:g} s")
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -195,16 +428,70 @@ class _CountRequests:
         path = scope.get("path", "")
         endpoint = path if path in _KNOWN_PATHS else "other"
         status = 500  # if the app dies before answering, the server answers 500
+        started = False
+        # The whole body must arrive within body_timeout_s of the head (not per chunk, so a
+        # trickle of bytes cannot hold the request open).
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        body_done = False
+
+        async def receive_in_time() -> MutableMapping[str, Any]:
+            nonlocal body_done
+            if body_done:  # later reads only wait for a disconnect: no deadline
+                return await receive()  # type: ignore[no-any-return]
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyReadTimeout from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message  # type: ignore[no-any-return]
 
         async def send_wrapper(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                started = True
+                headers = list(message.get("headers", []))
+                if self.state.draining and (b"connection", b"close") not in headers:
+                    message = dict(message)
+                    message["headers"] = [*headers, (b"connection", b"close")]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            if endpoint == RERANK_PATH and scope.get("method") == "POST" and (
+                self.refusal.queue_full()
+            ):
+                # The excess of an overload is refused here, before routing and parsing: the
+                # cheaper a refusal, the more CPU is left for the admitted requests.
+                status = 503
+                self.metrics.errors.labels("overloaded").inc()
+                await send_wrapper({"type": "http.response.start", "status": 503,
+                                    "headers": self.refusal.headers})
+                await send_wrapper({"type": "http.response.body", "body": self.refusal.body})
+                return
+            await self.app(scope, receive_in_time, send_wrapper)
+        except _BodyReadTimeout:
+            logger.info("%s %s: request body not received within %g s; answered 408",
+                        scope.get("method"), path, self.body_timeout_s)
+            self.metrics.errors.labels("read_timeout").inc()
+            if not started:
+                status = 408
+                await send_wrapper({
+                    "type": "http.response.start", "status": 408,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(self.timeout_body)).encode()),
+                                (b"connection", b"close")],
+                })
+                await send_wrapper({"type": "http.response.body", "body": self.timeout_body})
+        except ClientDisconnect:
+            # Not a server error: the client went away while its body was being read.
+            status = CLIENT_CLOSED
         finally:
+            if status == CLIENT_CLOSED:
+                self.metrics.errors.labels("client_closed").inc()
+                logger.info("%s %s: the client closed the connection before the answer",
+                            scope.get("method"), path)
             self.metrics.requests.labels(endpoint, str(status)).inc()
             if endpoint == RERANK_PATH:
                 self.metrics.latency.observe(time.perf_counter() - start)
@@ -231,50 +518,81 @@ def _response_body(result: RerankResult, request_id: str | None) -> dict[str, An
     }
 
 
+class _ClientGone(Exception):
+    """The client closed its connection while its request waited for the model."""
+
+
+async def _watch_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+                            future: asyncio.Future[Any]) -> None:
+    """Fail ``future`` with _ClientGone if the next ASGI message (after the whole body) says
+    the client went away; any other message ends the watch."""
+    message = await receive()
+    if message.get("type") == "http.disconnect" and not future.done():
+        future.set_exception(_ClientGone())
+
+
 def create_app(
-    service: RerankService, *, timeout_s: float = 1.0, max_body_bytes: int = 4_000_000
+    service: RerankService,
+    *,
+    timeout_s: float = 1.0,
+    max_body_bytes: int = 4_000_000,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    retry_after_s: int = 1,
 ) -> FastAPI:
     """The FastAPI app serving ``service``.
 
-    ``timeout_s`` bounds the model call of one request, queueing behind other calls included
-    (``504`` past it; a call already running is not interrupted, its result is dropped).
-    ``max_body_bytes`` bounds the request body (``413`` past it).
+    ``timeout_s`` is a request's deadline from its admission to the model queue: still queued
+    then, it is dropped without running; running, its result is dropped (``504`` either way).
+    ``max_queue`` bounds the model calls waiting behind the running one (``503`` with
+    ``Retry-After: retry_after_s`` past it). ``max_body_bytes`` bounds the request body
+    (``413`` past it), ``body_timeout_s`` the time to receive it after the head (``408``).
     """
+    if timeout_s <= 0 or body_timeout_s <= 0:
+        raise ValueError("timeout_s and body_timeout_s must be > 0")
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
     validator = RequestValidator.for_service(service)
     metrics = _Metrics(service)
+    state = _AppState()
 
-    def new_executor() -> ThreadPoolExecutor:
-        # One worker: model calls are serialised; see the module docstring.
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrerank-model")
-
-    # In a dict so a restarted app (lifespan run again, as in tests) gets a fresh one.
-    pool = {"executor": new_executor()}
+    # In a dict so a restarted app (lifespan run again, as in tests) gets a fresh worker.
+    holder = {"queue": ModelQueue(max_queue)}
+    metrics.queue_limit.set(max_queue)
+    metrics.queue_waiting.set_function(lambda: float(holder["queue"].waiting))
+    metrics.model_busy.set_function(lambda: float(holder["queue"].busy))
+    metrics.ready.set_function(lambda: float(state.ready and not state.draining))
     stopped: list[bool] = []
-    state: dict[str, Any] = {"ready": False, "warmup_error": None}
+    refusal = _Refusal(
+        lambda: holder["queue"].full(),
+        _json_bytes("overloaded", f"{max_queue} requests are already waiting for the model; "
+                                  f"retry after {retry_after_s} s"),
+        retry_after_s,
+    )
 
-    def call_service(request: RerankInput, queued_at: float) -> tuple[RerankResult, float]:
-        started = time.perf_counter()
-        return service.rerank(request), started - queued_at
+    def overloaded() -> Response:
+        metrics.errors.labels("overloaded").inc()
+        return refusal.response()
 
     async def warm_up() -> None:
         """One synthetic request through validation and the model: readiness, warm caches."""
         try:
             n = max(1, min(8, service.max_candidates or 8))
             request = validator.validate_python(synthetic_payload(service.spec, n=n, m=1))
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(pool["executor"], call_service, request, time.perf_counter())
+            job = holder["queue"].submit(lambda: service.rerank(request), bounded=False)
+            assert job is not None
+            await job.future
         except Exception as exc:  # reported by /readyz; the process stays up
             logger.exception("warm-up request failed; /readyz will answer 503")
-            state["warmup_error"] = f"{type(exc).__name__}: {exc}"
+            state.warmup_error = f"{type(exc).__name__}: {exc}"
         else:
-            state["ready"] = True
-            metrics.ready.set(1)
+            state.ready = True
             logger.info("warm-up done; model %s ready", service.model_version)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if stopped:  # the app was started and stopped before: its worker is gone
-            pool["executor"] = new_executor()
+            holder["queue"] = ModelQueue(max_queue)
             stopped.clear()
         # A background task, so /healthz answers while the (possibly slow) first call runs.
         task = asyncio.create_task(warm_up())
@@ -283,7 +601,7 @@ def create_app(
             yield
         finally:
             task.cancel()
-            pool["executor"].shutdown(wait=False, cancel_futures=True)
+            holder["queue"].close()
             stopped.append(True)
 
     app = FastAPI(
@@ -296,6 +614,12 @@ def create_app(
     app.state.service = service
     app.state.metrics_registry = metrics.registry
     app.state.validator = validator
+    app.state.serving_state = state
+    # For the server's protocol layer (genrerank.serving.server), which answers some requests
+    # (malformed HTTP, a request head too slow) before they reach the app.
+    app.state.record_unparsed = metrics.record_unparsed
+    app.state.limits = {"timeout_s": timeout_s, "body_timeout_s": body_timeout_s,
+                        "max_queue": max_queue}
 
     @app.exception_handler(RequestValidationError)
     async def fastapi_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -320,9 +644,16 @@ def create_app(
         summary="Re-rank candidates into a list of length m",
         response_model=RerankResponse,
         responses={
+            408: {"model": ErrorBody, "description": "The body did not arrive in time"},
             413: {"model": ValidationErrorBody, "description": "Body too large"},
             422: {"model": ValidationErrorBody, "description": "Invalid request"},
             500: {"model": ErrorBody, "description": "The model failed"},
+            503: {
+                "model": ErrorBody,
+                "description": "Overloaded: the model queue is full; retry after Retry-After",
+                "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                            "description": "Seconds to wait"}},
+            },
             504: {"model": ErrorBody, "description": "The model did not answer in time"},
         },
         # The body is parsed by hand (pydantic's Rust JSON parser straight from bytes, no
@@ -338,6 +669,7 @@ def create_app(
     )
     async def rerank(request: Request) -> Response:
         start = time.perf_counter()
+        queue = holder["queue"]  # a full queue was refused by the middleware already
         try:
             body = await _read_body(request, max_body_bytes)
         except _BodyTooLarge as exc:
@@ -350,15 +682,36 @@ def create_app(
             metrics.errors.labels("validation").inc()
             return _invalid(exc.errors)
         parsed_at = time.perf_counter()
+        deadline = parsed_at + timeout_s
+        try:
+            job = queue.submit(lambda: service.rerank(parsed), deadline)
+        except QueueClosed:
+            return _error(503, "unavailable", "the server is shutting down")
+        if job is None:  # filled up while this request was parsed
+            return overloaded()
 
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(pool["executor"], call_service, parsed, parsed_at)
-        # asyncio.wait rather than wait_for: a TimeoutError raised *by the service* is a 500.
-        done, _ = await asyncio.wait({future}, timeout=timeout_s)
-        if not done:
-            # Cancelling drops the call if it is still queued; a running call cannot be
-            # interrupted, it finishes on the worker and its result is discarded.
-            future.cancel()
+        # Watch for the client going away while the request waits: it is then dropped. The
+        # watcher fails the job's future, so this task awaits one future only (fewest event
+        # loop hops between the model's answer and the response, which counts under load).
+        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, job.future))
+        time_limit = asyncio.timeout(max(deadline - time.perf_counter(), 0.0))
+        try:
+            async with time_limit:
+                await job.future
+        except _ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception:  # looked at below, from the future or the time limit
+            pass
+        finally:
+            watcher.cancel()
+            if not job.future.done() or job.future.cancelled() or isinstance(
+                    job.future.exception(), _ClientGone):
+                # Timed out, client gone, or this task cancelled: a call still waiting is
+                # dropped; a running call's late result is dropped by _settle.
+                if queue.cancel(job):
+                    logger.info("request %r dropped from the queue", parsed.request_id)
+                job.future.cancel()
+        if time_limit.expired() or isinstance(job.future.exception(), DeadlinePassed):
             metrics.errors.labels("timeout").inc()
             logger.warning("request %r timed out after %g s", parsed.request_id, timeout_s)
             return _error(
@@ -366,14 +719,16 @@ def create_app(
                 "timeout",
                 f"the model did not answer within {timeout_s:g} s; the request was abandoned",
             )
+        if isinstance(job.future.exception(), QueueClosed):
+            return _error(503, "unavailable", "the server is shutting down")
         try:
-            result, queued_s = future.result()
-            payload = _response_body(result, parsed.request_id)
+            payload = _response_body(job.future.result(), parsed.request_id)
         except Exception as exc:  # any service failure is a 500, never a crash
             metrics.errors.labels("internal").inc()
             logger.exception("request %r failed in the service", parsed.request_id)
             return _error(500, "internal error", f"{type(exc).__name__}: {exc}")
 
+        queued_s = (job.started or parsed_at) - job.enqueued
         timings = {"parse": _ms(parsed_at - start), "queue": _ms(queued_s)}
         timings.update(payload["timings_ms"])
         timings["total"] = _ms(time.perf_counter() - start)
@@ -386,14 +741,16 @@ def create_app(
 
     @app.get(
         "/readyz",
-        summary="Readiness: a warm-up request went through the model",
-        responses={503: {"description": "Warming up, or the warm-up failed"}},
+        summary="Readiness: a warm-up request went through the model, and not draining",
+        responses={503: {"description": "Warming up, the warm-up failed, or draining"}},
     )
     async def readyz() -> JSONResponse:
-        if state["ready"]:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if state.ready:
             return JSONResponse({"status": "ready", "model_version": str(service.model_version)})
-        if state["warmup_error"] is not None:
-            body = {"status": "not ready", "error": f"warm-up failed: {state['warmup_error']}"}
+        if state.warmup_error is not None:
+            body = {"status": "not ready", "error": f"warm-up failed: {state.warmup_error}"}
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "warming up"}, status_code=503)
 
@@ -422,5 +779,6 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = custom_openapi  # type: ignore[method-assign]
-    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(_CountRequests, metrics=metrics, state=state,
+                       body_timeout_s=body_timeout_s, refusal=refusal)
     return app
