@@ -41,7 +41,7 @@ def batch(b: int = 2, n: int = 5, pad_from: int | None = None) -> Batch:
         is_cold_start=torch.zeros(b, n, dtype=torch.bool),
         is_long_tail=torch.zeros(b, n, dtype=torch.bool), candidate_mask=mask,
         exposed=torch.zeros(b, 1, dtype=torch.long), position_mask=torch.ones(b, 1, dtype=bool),
-        labels={},
+        labels={}, item_hash=torch.randint(0, 2**31 - 1, (b, n), generator=g),
     )
 
 
@@ -95,17 +95,21 @@ def test_standardisation_uses_training_statistics() -> None:
 
 
 @pytest.mark.parametrize("options", [{}, {"interaction": True},
-                                     {"request_context": False, "affinity": False}])
+                                     {"request_context": False, "affinity": False},
+                                     {"item_id_buckets": 16}])
 def test_padding_changes_no_real_token(options: dict) -> None:
     torch.manual_seed(0)
     emb = FeatureEmbedding(SPEC, 8, config=options).eval()
+    if emb.item_id is not None:
+        torch.nn.init.normal_(emb.item_id.weight)  # trained, not the all-zero start
     small = batch(n=5)
     padded = batch(n=5, pad_from=3)
     # The same first 3 candidates, then 2 padded slots holding junk.
     cut = dataclasses.replace(
         small, **{f: getattr(small, f)[:, :3] for f in
                   ("item_cat", "item_dense", "upstream_score", "category", "creator",
-                   "is_cold_start", "is_long_tail", "candidate_mask")})
+                   "is_cold_start", "is_long_tail", "candidate_mask", "item_hash")})
+    padded.item_hash[:, 3:] = 12345
     padded.item_dense[:, 3:] = 1e6
     padded.upstream_score[:, 3:] = 1e6
     tokens_cut, _ = emb(cut)
@@ -119,6 +123,34 @@ def test_feature_config_errors() -> None:
         FeatureConfig.from_dict({"standardise": True})
     with pytest.raises(ValueError, match="true or false"):
         FeatureConfig.from_dict({"affinity": 1})
+    for bad in (-1, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="item_id_buckets must be an integer"):
+            FeatureConfig.from_dict({"item_id_buckets": bad})
     # No history columns: the affinity part is simply absent.
     plain = dataclasses.replace(SPEC, user_dense=["activity"])
     assert FeatureEmbedding(plain, 8).affinity is None
+
+
+def test_item_id_embedding_starts_neutral_then_separates_items() -> None:
+    """Zero at initialisation (features alone decide), then one step on a loss that wants two
+    candidates with identical features apart moves exactly their own rows; the bucket is the hash
+    modulo the bucket count, and a model with item ids refuses a batch without hashes."""
+    torch.manual_seed(0)
+    plain = FeatureEmbedding(SPEC, 8).eval()
+    with_ids = FeatureEmbedding(SPEC, 8, config={"item_id_buckets": 16}).eval()
+    with_ids.load_state_dict(plain.state_dict(), strict=False)
+    b = batch(n=5)
+    torch.testing.assert_close(with_ids(b)[0], plain(b)[0])
+
+    b.item_cat[:, 1] = b.item_cat[:, 0]
+    b.item_dense[:, 1] = b.item_dense[:, 0]
+    b.item_hash[:, 0], b.item_hash[:, 1] = 16 * 7 + 3, 5  # buckets 3 and 5
+    static = with_ids.item_static(b.item_cat, b.item_dense, b.item_hash)
+    assert torch.equal(static[:, 0], static[:, 1])
+    (static[:, 0].sum() - static[:, 1].sum()).backward()
+    grad = with_ids.item_id.weight.grad
+    moved = grad.abs().sum(1).nonzero().flatten().tolist()
+    assert 3 in moved and 5 in moved
+    assert torch.all(grad[3].sign() == -grad[5].sign())
+    with pytest.raises(ValueError, match="item_hash"):
+        with_ids.item_static(b.item_cat, b.item_dense)

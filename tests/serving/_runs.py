@@ -30,10 +30,12 @@ DECODERS: dict[str, dict[str, Any]] = {
 
 
 def make_run(run_dir: Path, model_name: str, spec: FeatureSpec, seed: int = 0,
-             decode: dict[str, Any] | None = None) -> Path:
-    """A run folder (best/ checkpoint + run_config.json) of a seeded, untrained model."""
+             decode: dict[str, Any] | None = None, **config: Any) -> Path:
+    """A run folder (best/ checkpoint + run_config.json) of a seeded, untrained model;
+    ``config`` adds to its small model config (e.g. ``features={...}``)."""
     torch.manual_seed(seed)
-    model = build_model(model_name, spec, SMALL_CONFIGS[model_name])
+    config = {**SMALL_CONFIGS[model_name], **config}
+    model = build_model(model_name, spec, config)
     if model_name == "evaluator":  # non-trivial running statistics, as after training
         for norm in (model.item_norm, model.user_norm):
             if norm is not None:
@@ -43,9 +45,13 @@ def make_run(run_dir: Path, model_name: str, spec: FeatureSpec, seed: int = 0,
         with torch.no_grad():
             model.list_context.pair.normal_(0.0, 1.0)
             model.list_context.decay_logit.fill_(0.4)
+    item_id = getattr(getattr(model, "features", None), "item_id", None)
+    if item_id is not None:  # zero at init too
+        with torch.no_grad():
+            item_id.weight.normal_(0.0, 1.0)
     model.eval()
     save_checkpoint(run_dir / "best", model, {"epoch": 0, "step": 0})
     decode = decode or DECODERS.get(model_name, {"name": "greedy"})
     (run_dir / "run_config.json").write_text(json.dumps({
-        "model": {"name": model_name, **SMALL_CONFIGS[model_name]}, "decode": decode}))
+        "model": {"name": model_name, **config}, "decode": decode}))
     return run_dir

@@ -238,7 +238,8 @@ def test_matrix_graph_matches_pytorch_on_real_requests(
     mask = batch.candidate_mask
     m = batch.position_mask.shape[1]
     onnx = OnnxModel(onnx_dir)
-    rows = onnx.item_embedding(batch.item_cat[mask].numpy(), batch.item_dense[mask].numpy())
+    rows = onnx.item_embedding(batch.item_cat[mask].numpy(), batch.item_dense[mask].numpy(),
+                              batch.item_hash[mask].numpy())
     static = np.zeros((*mask.shape, rows.shape[1]), dtype=np.float32)
     static[mask.numpy()] = rows
     feeds = onnx.request_feeds(
@@ -287,7 +288,8 @@ def test_int8_graphs_serve_valid_lists_and_report_their_error(
     batch = _real_batch(dataset)
     mask = batch.candidate_mask
     m = batch.position_mask.shape[1]
-    rows = int8.item_embedding(batch.item_cat[mask].numpy(), batch.item_dense[mask].numpy())
+    rows = int8.item_embedding(batch.item_cat[mask].numpy(), batch.item_dense[mask].numpy(),
+                              batch.item_hash[mask].numpy())
     static = np.zeros((*mask.shape, rows.shape[1]), dtype=np.float32)
     static[mask.numpy()] = rows
     feeds = int8.request_feeds(

@@ -130,6 +130,32 @@ def test_the_learned_context_decoder_serves_the_same_lists_from_onnx(
     assert differs > 0
 
 
+@pytest.mark.parametrize("name", ["nar4rec", "autoregressive"])
+def test_hashed_item_id_embeddings_are_served_from_the_ids(
+    name: str, tmp_path: Path, dataset: RerankDataset
+) -> None:
+    """A model with hashed item-id embeddings: the ONNX item tower takes the id hashes, parity
+    holds, PyTorch and ONNX serve the same lists, and the same features under other ids give
+    other lists (the ids are read, not only the features)."""
+    from genrerank.serving.export import export_run
+
+    run = make_run(tmp_path / "run", name, dataset.spec, features={"item_id_buckets": 64})
+    report = export_run(run, tmp_path / "onnx")
+    assert report["parity"]["passed"] and report["parity"]["lists_identical"]
+    torch_rr = load_reranker(run_dir=run)
+    onnx_rr = load_reranker(onnx_dir=tmp_path / "onnx")
+    differs = 0
+    for index in range(len(dataset)):
+        inp = _request(torch_rr, dataset, index)
+        want, got = torch_rr.rerank(inp), onnx_rr.rerank(inp)
+        _same(got, want)
+        renamed = dataclasses.replace(inp, item_ids=[f"other-{i}" for i in inp.item_ids])
+        moved = onnx_rr.rerank(renamed)
+        _same(moved, torch_rr.rerank(renamed))
+        differs += [i.removeprefix("other-") for i in moved.item_ids] != got.item_ids
+    assert differs > 0
+
+
 # --------------------------------------------------------------------------- item cache
 
 

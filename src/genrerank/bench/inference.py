@@ -110,7 +110,7 @@ def _calls(name: str, run_dir: Path, onnx_dir: Path, batch: Any, m: int, k: int,
     backend = TorchBackend(run_dir, threads)
     model = backend.model
     with torch.inference_mode():
-        static = model.item_embedding(batch.item_cat, batch.item_dense)
+        static = model.item_embedding(batch.item_cat, batch.item_dense, batch.item_hash)
     b = make_batch(batch.user_cat, batch.user_dense, static, batch.upstream_score,
                    batch.candidate_mask, torch.ones(1, m, dtype=torch.bool),
                    category=batch.category)
@@ -172,7 +172,8 @@ def _session_options(onnx_dir: Path, batch: Any, m: int, settings: InferenceSett
     calls = {}
     for label, (threads, spinning) in SESSION_VARIANTS.items():
         rt = OnnxModel(onnx_dir, threads, spinning=spinning)
-        static = rt.item_embedding(batch.item_cat[0].numpy(), batch.item_dense[0].numpy())
+        static = rt.item_embedding(batch.item_cat[0].numpy(), batch.item_dense[0].numpy(),
+                                  batch.item_hash[0].numpy())
         feeds = rt.request_feeds(batch.user_cat.numpy(), batch.user_dense.numpy(), static[None],
                                  batch.upstream_score.numpy(), batch.candidate_mask.numpy(),
                                  batch.category.numpy())
@@ -267,7 +268,8 @@ def _int8_quality(work: Path, settings: InferenceSettings, progress: bool) -> di
     for key, rt in (("float32", fp32), ("int8", int8)):
         static = rt.item_embedding(batch.item_cat.reshape(-1, batch.item_cat.shape[-1]).numpy(),
                                    batch.item_dense.reshape(-1, batch.item_dense.shape[-1])
-                                   .numpy()).reshape(*batch.candidate_mask.shape, -1)
+                                   .numpy(), batch.item_hash.reshape(-1).numpy()
+                                   ).reshape(*batch.candidate_mask.shape, -1)
         feeds = rt.request_feeds(batch.user_cat.numpy(), batch.user_dense.numpy(), static,
                                  batch.upstream_score.numpy(), batch.candidate_mask.numpy(),
                                  batch.category.numpy())

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
+from genrerank.data.ids import hash_item_ids
 from genrerank.data.schema import SPLITS, FeatureSpec, read_dataset
 
 
@@ -42,6 +43,9 @@ class Batch:
     #: [B, N, d]: precomputed request-independent item embeddings (serving's item cache), used
     #: instead of item_cat / item_dense when set. Only for the model that produced them.
     item_static: torch.Tensor | None = None
+    #: [B, N] long: stable hash of each candidate's item id (:mod:`genrerank.data.ids`), for
+    #: hashed item-id embeddings; 0 for padding.
+    item_hash: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -84,6 +88,13 @@ class _Ragged:
         else:
             self.values = flat
 
+    @classmethod
+    def like(cls, other: _Ragged, values: np.ndarray) -> _Ragged:
+        """Per-candidate ``values`` sliced with the row offsets of ``other``."""
+        out = cls.__new__(cls)
+        out.offsets, out.values = other.offsets, values
+        return out
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
@@ -123,6 +134,9 @@ class RerankDataset(Dataset):
             "is_long_tail": _Ragged(col("is_long_tail"), 1, np.bool_),
         }
         self._exposed = _Ragged(col("exposed"), 1, np.int64)
+        self._item_hash = _Ragged.like(
+            self._item_dense, hash_item_ids(col("item_id").combine_chunks().flatten())
+        )
         self._labels = {s: _Ragged(col(f"label_{s}"), 1, np.float32) for s in spec.labels}
 
     def __len__(self) -> int:
@@ -135,6 +149,7 @@ class RerankDataset(Dataset):
             "user_dense": self._user_dense[i],
             "item_cat": self._item_cat[i],
             "item_dense": self._item_dense[i],
+            "item_hash": self._item_hash[i],
             "exposed": self._exposed[i],
             "labels": {s: r[i] for s, r in self._labels.items()},
         }
@@ -179,6 +194,7 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
         ),
         item_cat=t(pad("item_cat", n_max, np.int64, (fic,))),
         item_dense=t(pad("item_dense", n_max, np.float32, (fid,))),
+        item_hash=t(pad("item_hash", n_max, np.int64)) if "item_hash" in items[0] else None,
         upstream_score=t(pad("upstream_score", n_max, np.float32)),
         category=t(pad("category", n_max, np.int64)),
         creator=t(pad("creator", n_max, np.int64)),

@@ -54,13 +54,15 @@ class RerankModel(nn.Module):
     def forward(self, batch: Batch) -> Any:  # -> ModelOutput
         raise NotImplementedError
 
-    def item_embedding(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+    def item_embedding(self, item_cat: torch.Tensor, item_dense: torch.Tensor,
+                       item_hash: torch.Tensor | None = None) -> torch.Tensor:
         """The request-independent item vectors ``[..., d]`` this model puts in
-        ``Batch.item_static``: what serving computes once per item and caches."""
+        ``Batch.item_static``: what serving computes once per item and caches. ``item_hash``
+        (:mod:`genrerank.data.ids`) is read only by models with hashed item-id embeddings."""
         features = getattr(self, "features", None)
         if features is None:
             raise ValueError(f"model {self.name!r} reads no item features; nothing to embed")
-        return features.item_static(item_cat, item_dense)
+        return features.item_static(item_cat, item_dense, item_hash)
 
     def fit_statistics(self, dataset: Any) -> None:
         """Set data statistics (feature standardisation) from the TRAINING split; the shared

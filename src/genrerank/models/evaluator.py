@@ -167,10 +167,11 @@ class ListEvaluator(RerankModel):
         mean, var = norm.running_mean[columns], norm.running_var[columns]
         return (x - mean) / torch.sqrt(var + norm.eps)
 
-    def item_embedding(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+    def item_embedding(self, item_cat: torch.Tensor, item_dense: torch.Tensor,
+                       item_hash: torch.Tensor | None = None) -> torch.Tensor:
         if self.item_norm is not None:
             item_dense = self._running(item_dense, slice(0, item_dense.shape[-1]))
-        return self.features.item_static(item_cat, item_dense)
+        return self.features.item_static(item_cat, item_dense, item_hash)
 
     def _tokens(self, batch: Batch) -> torch.Tensor:
         """Candidate tokens ``[B, N, d]`` of the standardized batch."""

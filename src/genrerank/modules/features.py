@@ -51,6 +51,9 @@ class FeatureConfig:
     request_context: bool = True  # upstream score's z-score and log rank inside the request
     affinity: bool = True  # the user's history share of the candidate's category, if logged
     interaction: bool = False  # learned bilinear user x candidate term (hurt on validation)
+    #: Hashed item-id embedding with this many buckets (0 = off): a learned per-item offset for
+    #: items that recur across requests (:mod:`genrerank.data.ids`).
+    item_id_buckets: int = 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> FeatureConfig:
@@ -59,7 +62,11 @@ class FeatureConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"features: unknown option(s) {unknown}; known: {sorted(known)}")
-        bad = {k: v for k, v in values.items() if not isinstance(v, bool)}
+        buckets = values.get("item_id_buckets", 0)
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0:
+            raise ValueError(f"features: item_id_buckets must be an integer >= 0, got {buckets!r}")
+        bad = {k: v for k, v in values.items()
+               if k != "item_id_buckets" and not isinstance(v, bool)}
         if bad:
             raise ValueError(f"features: options must be true or false, got {bad}")
         return cls(**values)
@@ -126,6 +133,12 @@ class FeatureEmbedding(nn.Module):
             self.register_buffer("history_columns", history)
             self.affinity = nn.Linear(2, dim)
         self.interaction = nn.Linear(dim, dim) if config.interaction else None
+        self.item_id = None
+        if config.item_id_buckets:
+            # Zero at initialisation: an item starts as its features say and moves only as far
+            # as its own feedback pushes it (rare items stay near zero).
+            self.item_id = nn.Embedding(config.item_id_buckets, dim)
+            nn.init.zeros_(self.item_id.weight)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -166,9 +179,13 @@ class FeatureEmbedding(nn.Module):
             user = user + self.user_dense(self._scaled_user_dense(batch.user_dense))
         return user
 
-    def item_static(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+    def item_static(
+        self, item_cat: torch.Tensor, item_dense: torch.Tensor,
+        item_hash: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The request-independent part of a candidate's token, ``[..., d]``: its categorical
-        embeddings plus the projection of its standardised dense features (bias included).
+        embeddings plus the projection of its standardised dense features (bias included), plus
+        its hashed item-id embedding when the config has one (``item_hash`` is then required).
 
         Serving caches this per item (:mod:`genrerank.serving.cache`); the request adds the
         upstream score, the within-request context and the user's part in :meth:`forward`.
@@ -179,6 +196,11 @@ class FeatureEmbedding(nn.Module):
         static = F.linear(scaled, weight[:, :n_dense], self.item_dense.bias)
         for k, emb in enumerate(self.item_cat):
             static = static + emb(item_cat[..., k])
+        if self.item_id is not None:
+            if item_hash is None:
+                raise ValueError("this model embeds item ids (features.item_id_buckets > 0); "
+                                 "pass the candidates' item_hash")
+            static = static + self.item_id(torch.remainder(item_hash, self.item_id.num_embeddings))
         return static
 
     def _affinity(self, batch: Batch) -> torch.Tensor:
@@ -193,7 +215,7 @@ class FeatureEmbedding(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         static = batch.item_static
         if static is None:
-            static = self.item_static(batch.item_cat, batch.item_dense)
+            static = self.item_static(batch.item_cat, batch.item_dense, batch.item_hash)
         mask = batch.candidate_mask
         upstream = (batch.upstream_score - self.item_mean[-1]) / self.item_std[-1]
         # The upstream score is the last input column of the dense projection.

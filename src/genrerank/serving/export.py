@@ -197,7 +197,7 @@ def make_batch(
     upstream_score: torch.Tensor, candidate_mask: torch.Tensor,
     position_mask: torch.Tensor | None = None, *, item_cat: torch.Tensor | None = None,
     item_dense: torch.Tensor | None = None, category: torch.Tensor | None = None,
-    creator: torch.Tensor | None = None,
+    creator: torch.Tensor | None = None, item_hash: torch.Tensor | None = None,
 ) -> Batch:
     """A Batch for inference (no labels, nothing logged), from precomputed item embeddings
     ``item_static`` or from the raw ``item_cat`` / ``item_dense``."""
@@ -224,6 +224,7 @@ def make_batch(
         position_mask=position_mask,
         labels={},
         item_static=item_static,
+        item_hash=item_hash,
     )
 
 
@@ -247,6 +248,7 @@ def synthetic_requests(
         "item_dense": torch.randn(b, n, len(spec.item_dense), generator=g)
         * cand_mask.unsqueeze(-1),
         "upstream_score": torch.randn(b, n, generator=g) * cand_mask,
+        "item_hash": torch.randint(0, 2**31 - 1, (b, n), generator=g) * cand_mask,
         "candidate_mask": cand_mask,
         "category": torch.randint(0, max(spec.n_categories, 1), (b, n), generator=g) * cand_mask,
         "position_mask": torch.ones(b, m, dtype=torch.bool),
@@ -261,8 +263,9 @@ class ItemTower(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
-        return self.model.item_embedding(item_cat, item_dense)
+    def forward(self, item_cat: torch.Tensor, item_dense: torch.Tensor,
+                item_hash: torch.Tensor) -> torch.Tensor:
+        return self.model.item_embedding(item_cat, item_dense, item_hash)
 
 
 class MatrixGraph(nn.Module):
@@ -407,7 +410,7 @@ REQUEST_AXES = {
 
 def _request_args(model: RerankModel, req: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
-        static = model.item_embedding(req["item_cat"], req["item_dense"])
+        static = model.item_embedding(req["item_cat"], req["item_dense"], req["item_hash"])
     return (req["user_cat"], req["user_dense"], static, req["upstream_score"],
             req["candidate_mask"], req["category"])
 
@@ -416,10 +419,11 @@ def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tenso
                    ) -> dict[str, Any]:
     """Write the model's graphs into ``out``; returns {graph: {inputs, outputs}}."""
     graphs: dict[str, Any] = {}
-    tower_args = (example["item_cat"].flatten(0, 1), example["item_dense"].flatten(0, 1))
-    names = (["item_cat", "item_dense"], ["item_static"])
+    tower_args = (example["item_cat"].flatten(0, 1), example["item_dense"].flatten(0, 1),
+                  example["item_hash"].flatten(0, 1))
+    names = (["item_cat", "item_dense", "item_hash"], ["item_static"])
     _export(ItemTower(model), tower_args, out / "item_tower.onnx", *names,
-            {"item_cat": {0: "rows"}, "item_dense": {0: "rows"}})
+            {"item_cat": {0: "rows"}, "item_dense": {0: "rows"}, "item_hash": {0: "rows"}})
     graphs["item_tower"] = {"file": "item_tower.onnx", "inputs": names[0], "outputs": names[1]}
     args = _request_args(model, example)
     if model.kind == "evaluator":

@@ -71,12 +71,21 @@ class OnnxModel:
 
     # ------------------------------------------------------------------ graphs
 
-    def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray) -> np.ndarray:
-        """``[R, d]`` float32 item vectors of ``R`` items."""
-        return self.sessions["item_tower"].run(None, {
+    def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray,
+                       item_hash: np.ndarray | None = None) -> np.ndarray:
+        """``[R, d]`` float32 item vectors of ``R`` items; ``item_hash`` (their id hashes,
+        :mod:`genrerank.data.ids`) is fed only to a graph that reads it."""
+        session = self.sessions["item_tower"]
+        wanted = {i.name for i in session.get_inputs()}
+        feeds = {
             "item_cat": np.ascontiguousarray(item_cat, dtype=np.int64),
             "item_dense": np.ascontiguousarray(item_dense, dtype=np.float32),
-        })[0]
+        }
+        if "item_hash" in wanted:
+            if item_hash is None:
+                raise ValueError("this export embeds item ids: pass item_hash")
+            feeds["item_hash"] = np.ascontiguousarray(item_hash, dtype=np.int64)
+        return session.run(None, feeds)[0]
 
     @staticmethod
     def request_feeds(user_cat: np.ndarray, user_dense: np.ndarray, item_static: np.ndarray,

@@ -45,10 +45,11 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
     req = synthetic_requests(model.spec, sizes or PARITY_SIZES, m, seed=seed)
     diffs: dict[str, float] = {}
     with torch.inference_mode():
-        static = model.item_embedding(req["item_cat"], req["item_dense"])
+        static = model.item_embedding(req["item_cat"], req["item_dense"], req["item_hash"])
     mask = req["candidate_mask"]
     onnx_static = onnx.item_embedding(req["item_cat"][mask].numpy(),
-                                      req["item_dense"][mask].numpy())
+                                      req["item_dense"][mask].numpy(),
+                                      req["item_hash"][mask].numpy())
     diffs["item_static"] = _finite_max_diff(onnx_static, static[mask].numpy())
     feeds = OnnxModel.request_feeds(req["user_cat"].numpy(), req["user_dense"].numpy(),
                                     static.numpy(), req["upstream_score"].numpy(), mask.numpy(),
@@ -104,7 +105,8 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
         # The cached item embeddings must not change what the model computes from raw features.
         raw = make_batch(req["user_cat"], req["user_dense"], None, req["upstream_score"], mask,
                          req["position_mask"], item_cat=req["item_cat"],
-                         item_dense=req["item_dense"], category=req["category"])
+                         item_dense=req["item_dense"], category=req["category"],
+                         item_hash=req["item_hash"])
         if model.kind != "evaluator" and not model.stepwise:
             diffs["raw_vs_cached_log_probs"] = _finite_max_diff(
                 model(raw).log_probs.numpy(), model(batch).log_probs.numpy())

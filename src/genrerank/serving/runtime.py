@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from genrerank.data.dataset import Batch
+from genrerank.data.ids import hash_item_ids
 from genrerank.data.schema import FeatureSpec
 from genrerank.decoding import DecodedLists, decode
 from genrerank.serving.cache import DEFAULT_CACHE_BYTES, ItemEmbeddingCache
@@ -88,8 +89,9 @@ class TorchBackend:
         self.max_candidates, self.max_list_length = self.model.input_limits()
 
     @torch.inference_mode()
-    def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray) -> np.ndarray:
-        return self.model.item_embedding(_t(item_cat), _t(item_dense)).numpy()
+    def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray,
+                       item_hash: np.ndarray) -> np.ndarray:
+        return self.model.item_embedding(_t(item_cat), _t(item_dense), _t(item_hash)).numpy()
 
     @torch.inference_mode()
     def write_list(self, inp: RerankInput, static: np.ndarray, timings: dict[str, float]
@@ -145,8 +147,9 @@ class OnnxBackend:
             raise ValueError(f"{onnx_dir}: the ONNX runtime decodes the autoregressive model "
                              f"greedily or by beam search, not {self.decoder!r}")
 
-    def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray) -> np.ndarray:
-        return self.onnx.item_embedding(item_cat, item_dense)
+    def item_embedding(self, item_cat: np.ndarray, item_dense: np.ndarray,
+                       item_hash: np.ndarray) -> np.ndarray:
+        return self.onnx.item_embedding(item_cat, item_dense, item_hash)
 
     def write_list(self, inp: RerankInput, static: np.ndarray, timings: dict[str, float]
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -217,12 +220,14 @@ class Reranker:
         """``[n, d]`` item vectors from the cache, computing (and caching) the misses."""
         prints = self.cache.fingerprints(inp.item_cat, inp.item_dense)
         if self._dim is None:
-            self._dim = int(self.backend.item_embedding(inp.item_cat[:1],
-                                                        inp.item_dense[:1]).shape[-1])
+            self._dim = int(self.backend.item_embedding(
+                inp.item_cat[:1], inp.item_dense[:1], hash_item_ids(inp.item_ids[:1])).shape[-1])
         static, missing = self.cache.get_many(inp.item_ids, prints, self._dim)
         if missing:
             rows = np.asarray(missing)
-            fresh = self.backend.item_embedding(inp.item_cat[rows], inp.item_dense[rows])
+            # Hashed only on a miss: the cache is keyed by id, so a hit already holds its part.
+            fresh = self.backend.item_embedding(inp.item_cat[rows], inp.item_dense[rows],
+                                                hash_item_ids([inp.item_ids[i] for i in missing]))
             static[rows] = fresh
             self.cache.put_many([inp.item_ids[i] for i in missing],
                                 [prints[i] for i in missing], fresh)
@@ -285,6 +290,7 @@ def raw_batch(inp: RerankInput) -> Batch:
         torch.ones(1, inp.n, dtype=torch.bool), torch.ones(1, inp.m, dtype=torch.bool),
         item_cat=_t(inp.item_cat)[None], item_dense=_t(inp.item_dense)[None],
         category=_t(inp.category)[None], creator=_t(inp.creator)[None],
+        item_hash=_t(hash_item_ids(inp.item_ids))[None],
     )
 
 
