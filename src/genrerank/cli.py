@@ -243,6 +243,9 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
 @click.option("--max-queue", type=click.IntRange(1), default=8, show_default=True,
               help="Requests that may wait for the model behind the running one; more are "
                    "answered 503 with Retry-After at once.")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Also 503 when the requests ahead would take longer than this (their number "
+                   "times the recent mean model time; 0: no such bound).")
 @click.option("--header-timeout-s", type=click.FloatRange(0, min_open=True), default=5.0,
               show_default=True, help="Seconds to receive a request head (408 and closed past "
                                       "it; a connection that sends nothing is closed).")
@@ -257,8 +260,8 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
 def serve(run_dir: Path | None, onnx_dir: Path | None, int8: bool,
           pipeline_config: Path | None, host: str, port: int, threads: int, cache_size: int,
           cache_bytes: int, max_item_id_length: int, max_candidates: int, timeout_ms: float,
-          max_queue: int, header_timeout_s: float, body_timeout_s: float, drain_s: float,
-          log_level: str) -> None:
+          max_queue: int, max_wait_ms: float, header_timeout_s: float, body_timeout_s: float,
+          drain_s: float, log_level: str) -> None:
     """Serve POST /v1/rerank (+ /healthz, /readyz, /metrics, /docs) over HTTP."""
     from genrerank.serving.server import bind_socket, run_server
 
@@ -274,6 +277,7 @@ def serve(run_dir: Path | None, onnx_dir: Path | None, int8: bool,
                                 max_item_id_length=max_item_id_length,
                                 pipeline_config=pipeline_config)
         app = create_app(service, timeout_s=timeout_ms / 1000.0, max_queue=max_queue,
+                         max_wait_s=max_wait_ms / 1000.0 if max_wait_ms else None,
                          body_timeout_s=body_timeout_s)
         backend = service.backend.name
 

@@ -38,8 +38,8 @@ HOST = "127.0.0.1"
 
 class TinyServer:
     """A raw asyncio HTTP/1.1 keep-alive server in a thread. Every answer waits ``delay_s``
-    (one request at a time if ``serial``); a body containing ``fail`` gets a 500, ``close``
-    a dropped connection; others ``status`` (200: fixed JSON with ``timings_ms``)."""
+    (one request at a time if ``serial``); a body containing ``fail`` gets a 500, ``shed`` a
+    503, ``close`` a dropped connection; others ``status`` (200: fixed JSON with ``timings_ms``)."""
 
     def __init__(self, delay_s: float = 0.0, serial: bool = False, status: int = 200) -> None:
         self.delay_s, self.serial, self.status = delay_s, serial, status
@@ -76,7 +76,7 @@ class TinyServer:
                         await asyncio.sleep(self.delay_s)
                 elif self.delay_s:
                     await asyncio.sleep(self.delay_s)
-                status = 500 if b"fail" in body else self.status
+                status = 500 if b"fail" in body else 503 if b"shed" in body else self.status
                 out = json.dumps({"items": ["a", "b"], "scores": [0.5, 0.25],
                                   "timings_ms": {"model": 1.5, "total": 2.0}}).encode()
                 if head.startswith(b"GET /readyz"):
@@ -170,6 +170,18 @@ def test_errors_by_status_and_connection(server: TinyServer) -> None:
     assert step["error_count"] == 20 and step["late"] == 0
     settings = ServingSettings()
     assert stop_reason({**step, "server": {"alive": True}}, settings).startswith("errors")
+
+
+def test_503s_are_load_shed_not_errors(server: TinyServer) -> None:
+    """The bounded queue's 503s are counted apart: the ramp stops there (past capacity), and
+    the no-errors target does not count them."""
+    reqs = requests_for(server.port, b'{"ok": 1}', b'{"shed": 1}')
+    step = run_open_loop(HOST, server.port, reqs, rate=200.0, duration_s=10.0,
+                         max_requests=20, connections=2)
+    assert step["errors"] == {"503": 10} and step["shed"] == 10
+    assert step["error_count"] == 0 and step["late"] == 0 and step["ok"] == 10
+    reason = stop_reason({**step, "server": {"alive": True}}, ServingSettings())
+    assert reason is not None and reason.startswith("shedding load: 10 of 20")
 
 
 def test_bounded_by_max_requests(server: TinyServer) -> None:

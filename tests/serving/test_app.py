@@ -579,6 +579,45 @@ def test_openapi_documents_503_and_408(client: TestClient) -> None:
 # ---------------------------------------------------------------------------- ModelQueue
 
 
+def test_model_queue_refuses_past_its_expected_wait() -> None:
+    """With ``max_wait_s``, admission stops when the calls ahead times the mean call time
+    exceed it, but one call may always wait; the count bound still holds."""
+    import asyncio
+
+    from genrerank.serving.app import ModelQueue
+
+    async def scenario() -> None:
+        queue = ModelQueue(8, max_wait_s=0.05)
+        with pytest.raises(ValueError, match="max_wait_s"):
+            ModelQueue(8, max_wait_s=0.0)
+        assert queue.call_s is None and queue.expected_wait_s() == 0.0
+        done = queue.submit(lambda: time.sleep(0.04))
+        assert done is not None
+        await done.future
+        assert queue.call_s is not None and queue.call_s >= 0.04
+        started, release = threading.Event(), threading.Event()
+
+        def blocker() -> None:
+            started.set()
+            release.wait(5.0)
+
+        first = queue.submit(blocker)
+        assert await asyncio.to_thread(started.wait, 5.0)
+        # Running: 1 call ahead (>= 40 ms), so a second may wait (one always may) ...
+        second = queue.submit(lambda: None)
+        assert second is not None and queue.expected_wait_s() >= 0.08
+        # ... but a third would wait >= 80 ms > 50 ms: refused, far below the count bound of 8.
+        assert queue.full() and queue.submit(lambda: None) is None
+        release.set()
+        await first.future
+        await second.future
+        unbounded = ModelQueue(2)
+        unbounded.call_s, unbounded.busy = 10.0, True
+        assert not unbounded.full()  # no time bound: only the count
+
+    asyncio.run(scenario())
+
+
 def test_model_queue_bound_cancel_deadline_and_close() -> None:
     import asyncio
 

@@ -26,8 +26,9 @@ Method, per (backend, preset):
   ``Content-Length`` only; the flat ``timings_ms`` object is picked out of the body without a
   full JSON parse). A step sends ``min(max_requests, duration_s * rate)`` requests; everything
   still unanswered ``drain_s`` after the last due time is abandoned and counted as ``late`` (so
-  a step is bounded in count and in time). Non-2xx statuses and connection errors are errors.
-- A step with errors, late requests, p99 above ``p99_cutoff_ms`` or a dead server ends that
+  a step is bounded in count and in time). Non-2xx statuses and connection errors are errors,
+  except 503: the bounded model queue shedding load, counted apart (``shed``).
+- A step with errors, shed or late requests, p99 above ``p99_cutoff_ms`` or a dead server ends that
   configuration's ramp (the reason is recorded): higher rates would only queue.
 - Per step: offered and achieved rate (2xx answers per second, from the first due time to the
   last answer), p50 / p95 / p99 / max latency over the 2xx answers (linear interpolation),
@@ -136,7 +137,10 @@ class ServingSettings:
     overload_connections: int = 64
     overload_duration_s: float = 10.0
     overload_max_requests: int = 20_000
-    capacity_connections: int = 4  # closed loop; <= the server's queue bound + 1: no 503s
+    # Closed loop with 2 connections: one request runs while the other waits, so the worker is
+    # never idle and the server (which always admits one waiting request) never refuses; more
+    # connections meet the expected-wait bound and spin on 503s, which starve the model thread.
+    capacity_connections: int = 2
     capacity_duration_s: float = 5.0
     max_queue: int | None = None  # the server's --max-queue (None: its default)
     host: str = "127.0.0.1"
@@ -393,7 +397,9 @@ async def open_loop(
     if sampling is not None:
         await sampling
     ok = len(tally.latencies)
-    error_count = sum(tally.errors.values())
+    # 503 is the server shedding load by design (bounded queue): counted apart, not an error.
+    shed = tally.errors.get("503", 0)
+    error_count = sum(tally.errors.values()) - shed
     span = tally.last_done - t0 if tally.last_done > t0 else wall
     return {
         "offered_rps": rate,
@@ -404,8 +410,9 @@ async def open_loop(
         "ok": ok,
         "errors": dict(sorted(tally.errors.items())),
         "error_count": error_count,
+        "shed": shed,
         # Due but never answered in time (never sent, or abandoned at the deadline).
-        "late": total - ok - error_count,
+        "late": total - ok - error_count - shed,
         "wall_s": wall,
         "achieved_rps": ok / span if span > 0 else None,
         "latency": latency_summary(tally.latencies),
@@ -650,6 +657,9 @@ def stop_reason(step: Mapping[str, Any], settings: ServingSettings) -> str | Non
         return "server died"
     if step["error_count"]:
         return f"errors {step['errors']}"
+    if step.get("shed"):  # past capacity: higher rates would only be refused
+        return (f"shedding load: {step['shed']} of {step['scheduled']} requests answered 503 "
+                "(the bounded queue was full)")
     if step["late"]:
         return (f"overloaded: {step['late']} of {step['scheduled']} requests unanswered "
                 f"{settings.drain_s:g} s after their due time")
@@ -950,7 +960,7 @@ def _step_line(cfg: Mapping[str, Any], s: Mapping[str, Any]) -> str:
     lat = s["latency"]
     return (f"{cfg['backend']} {cfg['preset']} @ {s['offered_rps']:g}/s: achieved "
             f"{_num(s['achieved_rps'])}/s, p50 {_ms(lat['p50_ms'])} p99 {_ms(lat['p99_ms'])} ms, "
-            f"errors {s['error_count']}, late {s['late']}, server CPU "
+            f"errors {s['error_count']}, 503 {s.get('shed', 0)}, late {s['late']}, server CPU "
             f"{s['server']['cpu_percent']:.0f} %, client {100 * (s['client_cores'] or 0):.0f} %")
 
 
@@ -982,15 +992,17 @@ def serving_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                          "note": f"{TARGET_RATE:g} requests/s not in the rates"}
             else:
                 p99 = step["latency"]["p99_ms"]
-                clean = not step["error_count"] and not step["late"]
+                clean = not step["error_count"] and not step["late"] and not step.get("shed")
                 line |= {"value": p99, "status": "met" if clean and p99 is not None
                          and p99 <= TARGET_P99_MS else "not met"}
                 if not clean:
-                    line["note"] = f"{step['error_count']} errors, {step['late']} late"
+                    line["note"] = (f"{step['error_count']} errors, {step.get('shed', 0)} "
+                                    f"answered 503, {step['late']} late")
         out.append(line)
     problems: list[str] = []
     ran = [c for c in configs if "error" not in c]
     overloaded = sum(1 for c in ran for s in c["steps"] if s["late"])
+    shedding = sum(1 for c in ran for s in c["steps"] if s.get("shed"))
     timeouts = any("504" in s["errors"] for c in ran for s in c["steps"])
     for c in configs:
         name = f"{c['backend']} {c['preset']}"
@@ -1012,6 +1024,9 @@ def serving_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                         if timeouts else [])
     if overloaded:  # the client gave up on them: the server was too slow, not wrong
         notes.append(f"{overloaded} overloaded step(s) with late answers, not counted as errors")
+    if shedding:  # the bounded queue refusing the excess: the designed answer to overload
+        notes.append(f"{shedding} step(s) at or past capacity shed load with 503 + Retry-After, "
+                     "not counted as errors")
     line = {
         "target": "no errors and no crash under load; every malformed request answered 4xx",
         "value": None,
@@ -1251,9 +1266,10 @@ def serving_markdown(result: Mapping[str, Any]) -> str:
         f"Load: {result['load_method']}. {s['connections']} connections; each step "
         f"{s['duration_s']:g} s or {s['max_requests']} requests, whichever comes first, after "
         f"an unrecorded {s['warmup_s']:g} s warm-up; answers later than {s['drain_s']:g} s "
-        "after their due time are abandoned (`late`). A step with errors, late answers or "
+        "after their due time are abandoned (`late`). A step with errors, 503s, late answers or "
         f"p99 > {s['p99_cutoff_ms']:g} ms ends that configuration's ramp. Errors = non-2xx "
-        "answers and connection errors. Peak server RSS = the kernel's VmHWM of the server "
+        "answers but 503 (load shed by the bounded queue, listed apart) and connection errors. "
+        "Peak server RSS = the kernel's VmHWM of the server "
         "process, reset at the start of each step where possible, or the highest sampled "
         "RSS; server CPU 100 % = one core; server model ms = the mean `timings_ms.model` "
         "the server reports (the model call alone, without HTTP, parsing and queueing); "
