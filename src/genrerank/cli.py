@@ -243,7 +243,7 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
 @click.option("--max-queue", type=click.IntRange(1), default=8, show_default=True,
               help="Requests that may wait for the model behind the running one; more are "
                    "answered 503 with Retry-After at once.")
-@click.option("--max-wait-ms", type=click.FloatRange(0), default=30.0, show_default=True,
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=20.0, show_default=True,
               help="Also 503 when the requests ahead would take longer than this (their number "
                    "times the recent mean model time; 0: no such bound).")
 @click.option("--header-timeout-s", type=click.FloatRange(0, min_open=True), default=5.0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PER_CANDIDATE = ("item_cat", "item_dense", "upstream_score", "category", "creator",
+PER_CANDIDATE = ("item_cat", "item_dense", "item_hash", "upstream_score", "category", "creator",
                  "is_cold_start", "is_long_tail")
 
 

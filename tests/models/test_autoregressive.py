@@ -16,7 +16,7 @@ from genrerank.losses.base import exposed_log_probs
 from genrerank.models import build_model
 from genrerank.models.autoregressive import Autoregressive
 from genrerank.modules.attention import GroupedQueryAttention
-from tests.models._requests import shrink_request
+from tests.models._requests import PER_CANDIDATE, shrink_request
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +168,7 @@ def _single(data: RerankDataset, batch: Batch, b: int) -> dict:
     n = int(batch.candidate_mask[b].sum())
     m = int(batch.position_mask[b].sum())
     item = dict(data[b])
-    for key in ("item_cat", "item_dense", "upstream_score", "category", "creator",
-                "is_cold_start", "is_long_tail"):
+    for key in PER_CANDIDATE:
         item[key] = item[key][:n]
     item["exposed"] = batch.exposed[b, :m].numpy()
     item["labels"] = {s: v[b, :m].numpy() for s, v in batch.labels.items()}

@@ -102,7 +102,7 @@ DEFAULT_MAX_QUEUE = 8
 #: Admission also stops when the calls ahead would take longer than this (their number times the
 #: recent mean call time): a fixed count admits 8 x 10 ms of waiting on a PyTorch model at n = 60,
 #: so admitted p99 was 126 ms under 2x overload; a time budget holds whatever the model's speed.
-DEFAULT_MAX_WAIT_S = 0.03
+DEFAULT_MAX_WAIT_S = 0.02
 DEFAULT_BODY_TIMEOUT_S = 10.0
 
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
