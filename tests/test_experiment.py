@@ -163,8 +163,9 @@ NAR = (*TINY, "model.dim=16", "model.heads=2")
 def test_a_run_without_run_config_is_refused_not_decoded_greedily(sim: Path,
                                                                   tmp_path: Path) -> None:
     from genrerank.data.dataset import RerankDataset
-    from genrerank.experiment import IncompleteRunError, evaluate_run, run_decoding
+    from genrerank.experiment import evaluate_run, run_decoding
     from genrerank.serving.runtime import load_reranker
+    from genrerank.training.runs import IncompleteRunError
     from tests.serving._runs import make_run
 
     run = make_run(tmp_path / "run", "nar4rec", RerankDataset(sim, "test").spec,
@@ -199,7 +200,8 @@ def test_a_train_failing_in_its_first_epoch_leaves_no_run_folder(sim: Path,
 
 
 def test_a_failed_overwrite_leaves_the_folder_marked_failed(sim: Path, tmp_path: Path) -> None:
-    from genrerank.experiment import IncompleteRunError, evaluate_run, train_run
+    from genrerank.experiment import evaluate_run, train_run
+    from genrerank.training.runs import IncompleteRunError
 
     run = tmp_path / "run"
     train_run("nar4rec", sim, run, overrides=NAR)
@@ -220,6 +222,7 @@ def test_a_failure_choosing_the_decoder_marks_the_run_and_resume_completes_it(
     sim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import genrerank.experiment as experiment
+    from genrerank.training.runs import IncompleteRunError
 
     run = tmp_path / "run"
     real = experiment.select_decoding
@@ -233,7 +236,7 @@ def test_a_failure_choosing_the_decoder_marks_the_run_and_resume_completes_it(
     assert (run / "FAILED").read_text() == (
         "train failed while choosing the decoder: KeyboardInterrupt: interrupted\n")
     assert (run / "best").is_dir() and not (run / "run_config.json").exists()
-    with pytest.raises(experiment.IncompleteRunError, match="choosing the decoder"):
+    with pytest.raises(IncompleteRunError, match="choosing the decoder"):
         experiment.run_decoding(run)
 
     monkeypatch.setattr(experiment, "select_decoding", real)

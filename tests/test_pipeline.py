@@ -127,8 +127,11 @@ def test_split_counts_shares_k_round_robin_with_one_upstream_list() -> None:
 
 
 def _save_run(model: torch.nn.Module, run: Path) -> None:
+    """A finished run: its best checkpoint and run_config.json (what train writes last)."""
     save_checkpoint(run / "best", model, {"model_name": model.name,
                                           "model_config": model.config.__dict__})
+    (run / "run_config.json").write_text(json.dumps({"model": {"name": model.name},
+                                                     "decode": {"name": "greedy"}}))
 
 
 def test_pipeline_from_config_and_cli_evaluation(data: Path, models: dict, tmp_path: Path) -> None:
@@ -223,3 +226,17 @@ def test_the_example_config_in_the_readme_is_well_formed() -> None:
             assert "run" in entry
         else:
             build_generator(entry)
+
+
+def test_a_pipeline_refuses_an_unfinished_run(tmp_path) -> None:
+    """A generator or evaluator run without run_config.json (train killed) is refused like
+    evaluate and export refuse it, not loaded."""
+    from genrerank.pipeline import ModelGenerator
+    from genrerank.training.runs import IncompleteRunError
+
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    with pytest.raises(IncompleteRunError, match="run_config.json missing"):
+        ModelGenerator.from_run(run)
+    with pytest.raises(IncompleteRunError, match="run_config.json missing"):
+        Pipeline.from_config({"generators": [{"type": "logging"}], "evaluator": str(run)})

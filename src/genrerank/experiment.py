@@ -34,12 +34,11 @@ from genrerank.evaluation.online import evaluate_online
 from genrerank.losses import build_objective
 from genrerank.models import build_model
 from genrerank.training import TrainConfig, Trainer, load_model, load_run_config, seed_everything
-from genrerank.training.checkpoint import META_FILE
-from genrerank.training.trainer import FAILED_FILE, mark_failed
+from genrerank.training.runs import RUN_CONFIG, check_run
+from genrerank.training.trainer import mark_failed
 from genrerank.utils.io import atomic_write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-RUN_CONFIG = "run_config.json"
 #: Contrastive decoding trades probability against similarity, whose scales differ by model and
 #: data, so ``alpha: "auto"`` picks alpha on the validation split from this grid.
 ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6)
@@ -48,11 +47,6 @@ ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6)
 PENALTY_GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 #: Decoder options that ``"auto"`` resolves on the validation split, and their grids.
 AUTO_GRIDS: dict[str, tuple[float, ...]] = {"alpha": ALPHA_GRID, "penalty": PENALTY_GRID}
-
-
-class IncompleteRunError(ValueError):
-    """A run that ``train`` did not finish (failed, killed or still running): its selected
-    decoder is unknown, so it is neither evaluated nor exported nor served."""
 
 
 def model_defaults(model_name: str) -> Path | None:
@@ -308,24 +302,6 @@ def fit_propensities(train: RerankDataset) -> np.ndarray | None:
             return position_propensities(train)
     except (ValueError, KeyError):
         return None
-
-
-def check_run(run_dir: str | Path) -> Path:
-    """The run folder of ``run_dir`` (a run, or its ``best/`` / ``last/`` checkpoint), refused
-    with :class:`IncompleteRunError` when its train failed or did not finish."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} not found")
-    run = run_dir.parent if (run_dir / META_FILE).is_file() else run_dir
-    failed = run / FAILED_FILE
-    if failed.is_file():
-        lines = failed.read_text(errors="replace").strip().splitlines() or ["(no reason recorded)"]
-        raise IncompleteRunError(f"run {run} failed ({lines[0]}); fix the cause and re-run "
-                                 "train, or --resume from its last checkpoint")
-    if not (run / RUN_CONFIG).is_file():
-        raise IncompleteRunError(f"run {run} is incomplete: {RUN_CONFIG} missing (train writes "
-                                 "it last, with the selected decoder); re-run train or --resume")
-    return run
 
 
 def run_decoding(run_dir: str | Path) -> dict[str, Any]:

@@ -206,8 +206,9 @@ class ModelGenerator(ListGenerator):
     @classmethod
     def from_run(cls, run: str | Path, **kwargs: Any) -> ModelGenerator:
         from genrerank.training import load_model
+        from genrerank.training.runs import check_run
 
-        model, _ = load_model(run, "best")
+        model, _ = load_model(check_run(run), "best")
         return cls(model, **kwargs)
 
     def propose(self, batch: Batch, lengths: torch.Tensor, width: int,
@@ -334,11 +335,12 @@ class Pipeline:
         evaluator = None
         if config.get("evaluator"):
             from genrerank.training import load_model
+            from genrerank.training.runs import check_run
 
             run = Path(config["evaluator"])
             if base_dir is not None and not run.is_absolute():
                 run = base_dir / run
-            evaluator, _ = load_model(run, "best")
+            evaluator, _ = load_model(check_run(run), "best")
         return cls(generators, evaluator, config.get("max_lists"))
 
     @property

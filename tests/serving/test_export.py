@@ -26,7 +26,6 @@ from click.testing import CliRunner
 from genrerank.cli import main
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.decoding import DecodedLists, decode
-from genrerank.experiment import IncompleteRunError
 from genrerank.models.base import RerankModel
 from genrerank.serving import export, parity
 from genrerank.serving.export import (
@@ -39,6 +38,7 @@ from genrerank.serving.export import (
 )
 from genrerank.serving.onnx_model import OnnxModel
 from genrerank.training.checkpoint import load_model
+from genrerank.training.runs import IncompleteRunError
 from tests.serving._runs import make_run
 
 MODELS = ("nar4rec", "pointwise", "prm", "evaluator", "autoregressive")
