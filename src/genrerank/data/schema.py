@@ -227,10 +227,11 @@ def _check_no_null_values(table: pa.Table, name: str, fail: Any) -> None:
         fail(_row_of(k, lengths), name, "null value")
 
 
-def _kind(t: pa.DataType) -> str:
-    """A coarse type name: what matters when deciding whether a column can be read as another."""
+def type_kind(t: pa.DataType) -> str:
+    """A coarse type name (``int``, ``float``, ``bool``, ``string``, ``list<...>``): what matters
+    when deciding whether a column can be read as another."""
     if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return f"list<{_kind(t.value_type)}>"
+        return f"list<{type_kind(t.value_type)}>"
     if pa.types.is_boolean(t):
         return "bool"
     if pa.types.is_integer(t):
@@ -251,8 +252,8 @@ def conform_types(table: pa.Table, spec: FeatureSpec, where: str = "requests") -
     if missing:
         raise DataValidationError(f"{where}: missing column(s) {missing}")
     for f in expected:
-        actual = _kind(table.schema.field(f.name).type)
-        want = _kind(f.type)
+        actual = type_kind(table.schema.field(f.name).type)
+        want = type_kind(f.type)
         compatible = actual == want or actual == want.replace("float", "int")
         if not compatible:
             raise DataValidationError(

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from genrerank.data.schema import DataValidationError, FeatureSpec, arrow_schema
+from genrerank.data.schema import DataValidationError, FeatureSpec, arrow_schema, type_kind
 from genrerank.data.splits import DEFAULT_FRACTIONS, assign_time_split
 
 logger = logging.getLogger("genrerank.data.loaders")
@@ -125,14 +125,6 @@ _VALID_TEXT = {
     "int": re.compile(r"^\s*[+-]?\d+\s*$"),
     "float": re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"),
 }
-
-
-def _kind(t: pa.DataType) -> str:
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t):
-        return "float"
-    return "string"
 
 
 def _header(path: Path, delimiter: str, quoted: bool) -> list[str]:
@@ -269,8 +261,8 @@ def _diagnose(path, exc, file_names, header, delimiter, quoted, columns) -> None
     name = file_names[int(m.group(1))]
     if name not in columns:
         return
-    kind = _kind(columns[name])
-    pattern = _VALID_TEXT.get(kind)
+    kind = type_kind(columns[name])
+    pattern = _VALID_TEXT.get(kind)  # only int and float have one
     if pattern is None:
         return
     offset = 0
