@@ -89,12 +89,92 @@ def test_existing_folder_needs_overwrite(tiny_dataset: Path) -> None:
     assert read_dataset(tiny_dataset)[0].num_rows == 3
 
 
-def test_unknown_label_and_version_mismatch(tmp_path: Path) -> None:
-    with pytest.raises(DataValidationError, match="unknown label"):
+def test_label_kinds_and_version_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(DataValidationError, match=r"\['purchase'\] need a kind"):
         FeatureSpec(source="x", labels=["purchase"])
+    with pytest.raises(DataValidationError, match="not lowercase identifiers"):
+        FeatureSpec(source="x", labels=["Add to cart"], label_kinds={"Add to cart": "binary"})
+    with pytest.raises(DataValidationError, match="choose from"):
+        FeatureSpec(source="x", labels=["purchase"], label_kinds={"purchase": "count"})
+    with pytest.raises(DataValidationError, match="gain_weights"):
+        FeatureSpec(source="x", gain_weights={"click": float("nan")})
+    spec = FeatureSpec(source="x", labels=["click", "purchase", "dwell"],
+                       label_kinds={"purchase": "binary", "dwell": "nonnegative"})
+    assert [spec.label_kind(s) for s in spec.labels] == ["binary", "binary", "nonnegative"]
     data = tiny_spec().to_dict()
     data["schema_version"] = 99
     with pytest.raises(DataValidationError, match="schema_version 99"):
         FeatureSpec.from_dict(data)
     with pytest.raises(FileNotFoundError, match="no requests.parquet"):
         read_dataset(tmp_path)
+
+
+def test_any_named_signal_is_checked_by_its_kind(tmp_path: Path) -> None:
+    spec = FeatureSpec(**{**tiny_spec().to_dict(), "labels": ["purchase", "dwell"],
+                          "label_kinds": {"purchase": "binary", "dwell": "nonnegative"},
+                          "gain_weights": {"purchase": 3.0}})
+    rows = tiny_rows()
+    for row in rows:
+        m = len(row["exposed"])
+        row.pop("label_click"), row.pop("label_like")
+        row["label_purchase"], row["label_dwell"] = [0.0] * m, [12.5] * m
+    path = write_dataset(tmp_path / "ok", table_from_rows(rows, spec), spec)
+    table, read = read_dataset(path)
+    assert read.label_kinds == {"purchase": "binary", "dwell": "nonnegative"}
+    assert read.gain_weights == {"purchase": 3.0}
+    assert table.column("label_dwell")[0].as_py() == [12.5, 12.5]
+    rows[1]["label_purchase"] = [0.0, 2.0]  # binary: only 0 or 1
+    with pytest.raises(DataValidationError, match=r"row 1 .*'label_purchase': invalid value 2.0"):
+        write_dataset(tmp_path / "bad", table_from_rows(rows, spec), spec)
+    rows[1]["label_purchase"], rows[2]["label_dwell"] = [0.0, 1.0], [1.0, -1.0, 0.0]
+    with pytest.raises(DataValidationError, match=r"row 2 .*'label_dwell': invalid value -1.0"):
+        write_dataset(tmp_path / "bad", table_from_rows(rows, spec), spec)
+
+
+def test_request_context_columns_round_trip_and_are_checked(tmp_path: Path) -> None:
+    from genrerank.data.schema import CategoricalFeature
+
+    spec = FeatureSpec(**{**tiny_spec().to_dict(),
+                          "context_categorical": [CategoricalFeature("device", 3)],
+                          "context_dense": ["query_length"]})
+    rows = tiny_rows()
+    for i, row in enumerate(rows):
+        row["context_cat"], row["context_dense"] = [i % 3], [float(i)]
+    table, read = read_dataset(write_dataset(tmp_path / "ctx", table_from_rows(rows, spec), spec))
+    assert read.context_categorical[0].name == "device"
+    assert table.column("context_cat").to_pylist() == [[0], [1], [2]]
+    assert table.column("context_dense").to_pylist() == [[0.0], [1.0], [2.0]]
+    rows[2]["context_cat"] = [3]
+    with pytest.raises(DataValidationError, match=r"row 2 .*'context_cat': index 3 outside"):
+        write_dataset(tmp_path / "bad", table_from_rows(rows, spec), spec)
+    rows[2]["context_cat"], rows[0]["context_dense"] = [2], [float("nan")]
+    with pytest.raises(DataValidationError, match=r"row 0 .*'context_dense': NaN"):
+        write_dataset(tmp_path / "bad", table_from_rows(rows, spec), spec)
+    rows[0]["context_dense"] = []
+    with pytest.raises(DataValidationError, match=r"row 0 .*'context_dense': has 0 values"):
+        write_dataset(tmp_path / "bad", table_from_rows(rows, spec), spec)
+
+
+def test_data_set_without_context_columns_still_reads(tiny_dataset: Path) -> None:
+    """Data sets written before the context columns existed read with no context features."""
+    path = tiny_dataset / REQUESTS_FILE
+    old = pq.read_table(path)
+    old = old.drop_columns(["context_cat", "context_dense"])
+    pq.write_table(old, path)
+    table, spec = read_dataset(tiny_dataset)
+    assert table.column("context_cat").to_pylist() == [[], [], []]
+    assert spec.context_dense == []
+
+
+def test_table_from_rows_fills_optional_columns_and_names_missing_ones() -> None:
+    spec = FeatureSpec(source="bare", labels=["click"])
+    row = {"request_id": "r0", "time": 1, "user_id": "u", "split": "train",
+           "item_id": ["a", "b"], "item_cat": [[], []], "item_dense": [[], []],
+           "upstream_score": [1.0, 0.5], "exposed": [1], "label_click": [1.0]}
+    table = table_from_rows([row], spec)
+    assert table.column("category").to_pylist() == [[0, 0]]
+    assert table.column("is_long_tail").to_pylist() == [[False, False]]
+    del row["exposed"]
+    with pytest.raises(DataValidationError, match=r"row 0 \(request_id 'r0'\): missing key "
+                                                  r"'exposed'"):
+        table_from_rows([row], spec)

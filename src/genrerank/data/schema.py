@@ -17,6 +17,9 @@ user_id        string                   user id as the source spells it
 split          string                   ``train`` / ``valid`` / ``test`` (see ``splits.py``)
 user_cat       list<int32>              one index per ``spec.user_categorical`` (0 = unknown)
 user_dense     list<float32>            one value per ``spec.user_dense``
+context_cat    list<int32>              one index per ``spec.context_categorical`` (request
+                                        context: query, device, page type; 0 = unknown)
+context_dense  list<float32>            one value per ``spec.context_dense``
 item_id        list<string>             the n candidate ids, unique within the request
 item_cat       list<list<int32>>        n x len(spec.item_categorical), 0 = unknown
 item_dense     list<list<float32>>      n x len(spec.item_dense)
@@ -30,14 +33,24 @@ label_<name>   list<float32>            one value per exposed position, for each
                                         ``spec.labels`` only
 ============== ======================== =====================================================
 
+Candidates are stored by upstream score, highest first (the upstream order: PRM and the
+``upstream`` baseline read it from the candidate index).
+
 A signal the source does not have is *absent*: no ``label_<name>`` column and not listed in
-``spec.labels``; it is never filled with zeros.
+``spec.labels``; it is never filled with zeros. Any lowercase identifier names a signal; its kind
+(``binary``: 0 or 1; ``nonnegative``: any value >= 0, e.g. seconds) is ``spec.label_kinds[name]``,
+or for the four built-in names click / like / long_view (binary) and watch_time (nonnegative)
+their default. ``spec.gain_weights`` (signal -> weight of the list gain) overrides the library's
+default gains where set.
+
+Data sets written before the context columns existed read as having no context features.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -55,10 +68,14 @@ SPEC_FILE = "feature_spec.json"
 METADATA_VERSION_KEY = b"genrerank.schema_version"
 METADATA_SPEC_KEY = b"genrerank.feature_spec"
 
-#: Signals genrerank knows how to use. Binary ones must be 0 or 1; watch_time is seconds >= 0.
+#: Built-in signals and their kinds. Binary ones must be 0 or 1; watch_time is seconds >= 0.
+#: Other signal names are allowed when the spec declares their kind in ``label_kinds``.
 BINARY_LABELS = ("click", "like", "long_view")
 KNOWN_LABELS = (*BINARY_LABELS, "watch_time")
+DEFAULT_LABEL_KINDS = {**{name: "binary" for name in BINARY_LABELS}, "watch_time": "nonnegative"}
+LABEL_KINDS = ("binary", "nonnegative")
 SPLITS = ("train", "valid", "test")
+_LABEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 class DataValidationError(ValueError):
@@ -80,7 +97,14 @@ class FeatureSpec:
     user_dense: list[str] = field(default_factory=list)
     item_categorical: list[CategoricalFeature] = field(default_factory=list)
     item_dense: list[str] = field(default_factory=list)
+    #: Request context (query, device, page type): one value per request, like user features.
+    context_categorical: list[CategoricalFeature] = field(default_factory=list)
+    context_dense: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=lambda: ["click"])
+    #: Kind of each signal not built in (``binary`` or ``nonnegative``); built-ins may be omitted.
+    label_kinds: dict[str, str] = field(default_factory=dict)
+    #: Gain weight per signal for list metrics and gain losses; empty = the library's defaults.
+    gain_weights: dict[str, float] = field(default_factory=dict)
     n_categories: int = 1
     n_creators: int = 1
     max_candidates: int = 0
@@ -92,11 +116,33 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         self.user_categorical = [_as_cat(c) for c in self.user_categorical]
         self.item_categorical = [_as_cat(c) for c in self.item_categorical]
-        unknown = [s for s in self.labels if s not in KNOWN_LABELS]
-        if unknown:
+        self.context_categorical = [_as_cat(c) for c in self.context_categorical]
+        bad_names = [s for s in self.labels if not isinstance(s, str) or not _LABEL_NAME.match(s)]
+        if bad_names:
             raise DataValidationError(
-                f"feature spec: unknown label(s) {unknown}; known labels are {list(KNOWN_LABELS)}"
+                f"feature spec: label name(s) {bad_names} are not lowercase identifiers "
+                "(letters, digits, underscores, starting with a letter)"
             )
+        for name, kind in self.label_kinds.items():
+            if kind not in LABEL_KINDS:
+                raise DataValidationError(
+                    f"feature spec: label_kinds[{name!r}] is {kind!r}; choose from {LABEL_KINDS}"
+                )
+        undeclared = [s for s in self.labels if self.label_kind(s) is None]
+        if undeclared:
+            raise DataValidationError(
+                f"feature spec: label(s) {undeclared} need a kind in label_kinds "
+                f"({' or '.join(LABEL_KINDS)}); only {list(KNOWN_LABELS)} have a default"
+            )
+        for name, weight in self.gain_weights.items():
+            if not isinstance(weight, int | float) or not np.isfinite(weight):
+                raise DataValidationError(
+                    f"feature spec: gain_weights[{name!r}] must be a finite number, got {weight!r}"
+                )
+
+    def label_kind(self, name: str) -> str | None:
+        """``binary`` or ``nonnegative`` for a signal; None when neither declared nor built in."""
+        return self.label_kinds.get(name, DEFAULT_LABEL_KINDS.get(name))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,6 +183,8 @@ def arrow_schema(spec: FeatureSpec) -> pa.Schema:
         pa.field("split", pa.string(), nullable=False),
         pa.field("user_cat", pa.list_(i32)),
         pa.field("user_dense", pa.list_(f32)),
+        pa.field("context_cat", pa.list_(i32)),
+        pa.field("context_dense", pa.list_(f32)),
         pa.field("item_id", pa.list_(pa.string())),
         pa.field("item_cat", pa.list_(pa.list_(i32))),
         pa.field("item_dense", pa.list_(pa.list_(f32))),
@@ -154,11 +202,41 @@ def arrow_schema(spec: FeatureSpec) -> pa.Schema:
 def table_from_rows(rows: list[dict[str, Any]], spec: FeatureSpec) -> pa.Table:
     """Build a requests table from Python dicts (one per request; keys = column names).
 
-    Convenient for loaders of modest size; the simulator builds Arrow arrays directly.
+    Convenient for small data; :class:`genrerank.data.builder.Requests` builds large tables from
+    arrays, and ``genrerank data import`` from an impressions table. Columns a source does not
+    have may be omitted: user and context features (when the spec declares none), category and
+    creator (0 = unknown), cold-start and long-tail flags (False).
     """
     schema = arrow_schema(spec)
-    columns = {name: [row[name] for row in rows] for name in schema.names}
+    columns: dict[str, list[Any]] = {}
+    for name in schema.names:
+        values = []
+        for i, row in enumerate(rows):
+            if name in row:
+                values.append(row[name])
+            elif name in _OPTIONAL_COLUMNS:
+                values.append(_OPTIONAL_COLUMNS[name](len(row.get("item_id", ()))))
+            else:
+                raise DataValidationError(
+                    f"row {i} (request_id {row.get('request_id')!r}): missing key {name!r}; "
+                    f"required keys are {[n for n in schema.names if n not in _OPTIONAL_COLUMNS]}"
+                )
+        columns[name] = values
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+#: Columns :func:`table_from_rows` may omit, with their default for a request of n candidates:
+#: nothing known about categories, creators or request context.
+_OPTIONAL_COLUMNS: dict[str, Any] = {
+    "user_cat": lambda n: [],
+    "user_dense": lambda n: [],
+    "context_cat": lambda n: [],
+    "context_dense": lambda n: [],
+    "category": lambda n: [0] * n,
+    "creator": lambda n: [0] * n,
+    "is_cold_start": lambda n: [False] * n,
+    "is_long_tail": lambda n: [False] * n,
+}
 
 
 def list_column(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
@@ -243,11 +321,23 @@ def type_kind(t: pa.DataType) -> str:
     return str(t)
 
 
+def _with_empty_context(table: pa.Table, spec: FeatureSpec) -> pa.Table:
+    """Data sets written before the context columns existed: empty context lists, when the spec
+    declares no context features (otherwise the columns are missing, an error)."""
+    for name, feats, value_type in (("context_cat", spec.context_categorical, pa.int32()),
+                                    ("context_dense", spec.context_dense, pa.float32())):
+        if name not in table.column_names and not feats:
+            empty = pa.array([[]] * table.num_rows, type=pa.list_(value_type))
+            table = table.append_column(pa.field(name, empty.type), empty)
+    return table
+
+
 def conform_types(table: pa.Table, spec: FeatureSpec, where: str = "requests") -> pa.Table:
     """Cast ``table`` to the format's Arrow schema where that loses nothing (int64 -> int32,
     float64 -> float32, int -> float, large lists and strings), and refuse with one line naming
     the column otherwise: numbers stored as strings are an error, never silently parsed."""
     expected = arrow_schema(spec)
+    table = _with_empty_context(table, spec)
     missing = [n for n in expected.names if n not in table.column_names]
     if missing:
         raise DataValidationError(f"{where}: missing column(s) {missing}")
@@ -272,6 +362,7 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
     Vectorised, so 100k requests x 60 candidates take well under a second.
     """
     expected = arrow_schema(spec)
+    table = _with_empty_context(table, spec)
     missing = [n for n in expected.names if n not in table.column_names]
     if missing:
         raise DataValidationError(f"{where}: missing column(s) {missing}")
@@ -327,7 +418,9 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
         if (inner != len(feats)).any():
             r = _row_of(int(np.flatnonzero(inner != len(feats))[0]), n)
             fail(r, name, f"each candidate needs {len(feats)} values")
-    for name, feats in (("user_cat", spec.user_categorical), ("user_dense", spec.user_dense)):
+    for name, feats in (("user_cat", spec.user_categorical), ("user_dense", spec.user_dense),
+                        ("context_cat", spec.context_categorical),
+                        ("context_dense", spec.context_dense)):
         ln = _lengths(table, name)
         if (ln != len(feats)).any():
             r = int(np.flatnonzero(ln != len(feats))[0])
@@ -346,7 +439,7 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
         dup = encoded.dictionary[int(codes[order][k])].as_py()
         fail(int(row_of_item[order][k]), "item_id", f"duplicate candidate {dup!r}")
 
-    for name in ("user_dense", "upstream_score"):
+    for name in ("user_dense", "context_dense", "upstream_score"):
         vals, ln = _flat(table, name)
         bad = ~np.isfinite(vals.astype(np.float64))
         if bad.any():
@@ -367,6 +460,10 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
         vals, ln = _flat(table, "user_cat")
         vocab = np.tile([c.vocab_size for c in spec.user_categorical], len(ln))
         check_vocab(vals, vocab, ln, "user_cat")
+    if spec.context_categorical:
+        vals, ln = _flat(table, "context_cat")
+        vocab = np.tile([c.vocab_size for c in spec.context_categorical], len(ln))
+        check_vocab(vals, vocab, ln, "context_cat")
     if spec.item_categorical:
         vals, _ = _flat(table, "item_cat", depth=2)
         k = len(spec.item_categorical)
@@ -403,7 +500,7 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
             fail(r, name, f"has {ln[r]} values for {m[r]} exposed items")
         vals = vals.astype(np.float64)
         bad = ~np.isfinite(vals)
-        if label in BINARY_LABELS:
+        if spec.label_kind(label) == "binary":
             bad |= (vals != 0) & (vals != 1)
         else:
             bad |= vals < 0

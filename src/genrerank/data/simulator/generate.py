@@ -35,6 +35,7 @@ from genrerank.data.schema import (
     CategoricalFeature,
     FeatureSpec,
     arrow_schema,
+    conform_types,
     list_column,
     nested_list_column,
     write_dataset,
@@ -153,7 +154,9 @@ def simulate_dataset(
     ids = _Ids(sim)
     spec = feature_spec(sim, n_requests)
     schema = arrow_schema(spec)
-    no_split = pa.schema([f for f in schema if f.name != "split"])
+    # The split is assigned over all chunks; the simulator has no request context features.
+    no_split = pa.schema([f for f in schema
+                          if f.name not in ("split", "context_cat", "context_dense")])
     tables = []
     for c in tqdm(range(n_chunks), desc=f"simulate {preset}", unit="chunk", disable=not progress):
         state, lists, feedback = sim.simulate_chunk(c)
@@ -170,7 +173,7 @@ def simulate_dataset(
     split = assign_time_split(times, rids, sim.config.split_fractions)
     table = table.add_column(schema.get_field_index("split"), schema.field("split"),
                              pa.array(split, type=pa.string()))
-    return table, spec
+    return conform_types(table, spec, where=f"simulated {preset}"), spec
 
 
 def simulate_to_dir(
