@@ -43,7 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from genrerank.data.schema import DataValidationError, FeatureSpec, arrow_schema, type_kind
+from genrerank.data.builder import Requests, list_array, matrix_array  # noqa: F401 (re-export)
+from genrerank.data.schema import DataValidationError, FeatureSpec, type_kind
 from genrerank.data.splits import DEFAULT_FRACTIONS, assign_time_split
 
 logger = logging.getLogger("genrerank.data.loaders")
@@ -349,90 +350,9 @@ def order_candidates(
 
 # --------------------------------------------------------------------------- building the table
 
-
-def _list(values: pa.Array | np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if not isinstance(values, pa.Array | pa.ChunkedArray):
-        values = pa.array(values, type=value_type)
-    elif isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if values.type != value_type:
-        values = values.cast(value_type)
-    if offsets[-1] < 2**31:
-        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), values)
-
-
-def _matrix(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """list<list<T>> from a (sum(lengths), k) matrix."""
-    values = np.asarray(values)
-    k = values.shape[1]
-    inner = _list(values.reshape(-1), np.full(values.shape[0], k), value_type)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), inner)
-
-
-@dataclass
-class Requests:
-    """Column-wise requests: per-request arrays (length R) and flat per-candidate arrays.
-
-    Candidate arrays hold sum(n) rows in candidate order; ``exposed`` and ``labels`` hold sum(m)
-    rows in display order.
-    """
-
-    request_id: pa.Array | np.ndarray
-    time: np.ndarray
-    user_id: pa.Array | np.ndarray
-    split: np.ndarray
-    user_cat: np.ndarray  # (R, k) int
-    user_dense: np.ndarray  # (R, k) float
-    n: np.ndarray
-    item_id: pa.Array | np.ndarray
-    item_cat: np.ndarray  # (N, k)
-    item_dense: np.ndarray  # (N, k)
-    upstream_score: np.ndarray
-    category: np.ndarray
-    creator: np.ndarray
-    is_cold_start: np.ndarray
-    is_long_tail: np.ndarray
-    m: np.ndarray
-    exposed: np.ndarray
-    labels: dict[str, np.ndarray]
-
-    def to_table(self, spec: FeatureSpec) -> pa.Table:
-        i32, f32 = pa.int32(), pa.float32()
-        r = len(self.n)
-        cols = {
-            "request_id": pa.array(self.request_id, pa.string()),
-            "time": pa.array(np.asarray(self.time, dtype=np.int64), pa.int64()),
-            "user_id": pa.array(self.user_id, pa.string()),
-            "split": pa.array(self.split, pa.string()),
-            "user_cat": _list(
-                np.asarray(self.user_cat, np.int32).reshape(r, -1).reshape(-1),
-                np.full(r, len(spec.user_categorical)),
-                i32,
-            ),
-            "user_dense": _list(
-                np.asarray(self.user_dense, np.float32).reshape(-1),
-                np.full(r, len(spec.user_dense)),
-                f32,
-            ),
-            "item_id": _list(self.item_id, self.n, pa.string()),
-            "item_cat": _matrix(np.asarray(self.item_cat, np.int32), self.n, i32),
-            "item_dense": _matrix(np.asarray(self.item_dense, np.float32), self.n, f32),
-            "upstream_score": _list(np.asarray(self.upstream_score, np.float32), self.n, f32),
-            "category": _list(np.asarray(self.category, np.int32), self.n, i32),
-            "creator": _list(np.asarray(self.creator, np.int32), self.n, i32),
-            "is_cold_start": _list(np.asarray(self.is_cold_start, bool), self.n, pa.bool_()),
-            "is_long_tail": _list(np.asarray(self.is_long_tail, bool), self.n, pa.bool_()),
-            "exposed": _list(np.asarray(self.exposed, np.int32), self.m, i32),
-        }
-        for name in spec.labels:
-            cols[f"label_{name}"] = _list(np.asarray(self.labels[name], np.float32), self.m, f32)
-        schema = arrow_schema(spec)
-        return pa.Table.from_arrays([cols[n] for n in schema.names], schema=schema)
+# The table builder is public API in genrerank.data.builder; the loaders import it from here.
+_list = list_array
+_matrix = matrix_array
 
 
 def take_rows(values: np.ndarray, rows: np.ndarray, default: float) -> np.ndarray:
