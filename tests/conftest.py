@@ -66,3 +66,27 @@ def tiny_dataset(tmp_path: Path) -> Path:
     from genrerank.data.schema import table_from_rows, write_dataset
 
     return write_dataset(tmp_path / "tiny", table_from_rows(tiny_rows(), tiny_spec()), tiny_spec())
+
+
+def purchase_spec() -> FeatureSpec:
+    """:func:`tiny_spec` with the signals of a shop's log instead of clicks and likes."""
+    return FeatureSpec(**{**tiny_spec().to_dict(), "labels": ["purchase", "dwell"],
+                          "label_kinds": {"purchase": "binary", "dwell": "nonnegative"},
+                          "gain_weights": {"purchase": 2.0, "dwell": 0.0}})
+
+
+def purchase_rows() -> list[dict]:
+    """:func:`tiny_rows` with purchase = the click labels and dwell seconds instead of likes."""
+    rows = tiny_rows()
+    for row in rows:
+        row["label_purchase"] = row.pop("label_click")
+        row["label_dwell"] = [10.0 * (k + 1) for k in range(len(row.pop("label_like")))]
+    return rows
+
+
+@pytest.fixture
+def purchase_dataset(tmp_path: Path) -> Path:
+    from genrerank.data.schema import table_from_rows, write_dataset
+
+    return write_dataset(tmp_path / "shop", table_from_rows(purchase_rows(), purchase_spec()),
+                         purchase_spec())

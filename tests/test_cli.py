@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -63,3 +64,23 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert abs(by_name[names[-1]]["headroom_captured"] - 1.0) < 1e-9
     assert "| policy" in text
     assert {"pointwise (greedy)", "prm (greedy)", "nar4rec (contrastive)"} <= set(names)
+
+
+def test_help_texts_list_every_registered_name() -> None:
+    from genrerank.data.loaders import LOADERS
+    from genrerank.data.simulator import PRESETS
+    from genrerank.decoding import DECODERS
+    from genrerank.models import MODELS
+
+    commands = [(("train",), "--model", MODELS), (("evaluate",), "--decoder", DECODERS),
+                (("data", "convert"), "--format", LOADERS), (("simulate",), "--preset", PRESETS),
+                (("demo",), "--preset", PRESETS)]
+    if "rerank" in main.commands:
+        commands.append((("rerank",), "--decoder", DECODERS))
+    for command, option, registry in commands:
+        code, text = run(*command, "--help")
+        assert code == 0, text
+        # The option's help, wrapped over lines: from the option to the next one.
+        shown = " ".join(text.split(option, 1)[1].split("\n  --", 1)[0].split())
+        missing = [name for name in registry if name not in re.findall(r"[\w-]+", shown)]
+        assert not missing, (command, option, missing, shown)

@@ -271,3 +271,39 @@ def test_run_config_is_absent_while_a_resumed_run_trains(
         *TINY, "model.dim=16", "model.hidden=16", "train.epochs=2"), resume=True)
     assert seen and not any(seen)
     assert (run / "run_config.json").is_file()
+
+
+def test_pointwise_trains_and_evaluates_on_purchases_and_dwell(purchase_dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """Signals of any name: the spec's gain weights reach the loss and the metrics, and the
+    click metrics read the most valuable binary signal."""
+    from genrerank.experiment import evaluate_run, train_run
+
+    run = tmp_path / "run"
+    train_run("pointwise", purchase_dataset, run,
+              overrides=(*TINY, "model.dim=16", "model.hidden=16"))
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert cfg["loss"] == [{"name": "gain_bce", "weights": {"purchase": 2.0, "dwell": 0.0}}]
+    report = evaluate_run(run, purchase_dataset)
+    assert report["click_signal"] == "purchase" and report["requests"] == 1
+    for key in ("auc", "gauc", "logloss", "ndcg@3", "recall@3", "clicks@3", "list_gain"):
+        assert math.isfinite(report["offline"][key]), key
+
+
+def test_a_click_loss_without_a_click_signal_fails_in_one_line(tmp_path: Path) -> None:
+    from genrerank.data.schema import FeatureSpec, table_from_rows, write_dataset
+    from tests.conftest import purchase_rows, purchase_spec
+
+    spec = FeatureSpec(**{**purchase_spec().to_dict(), "labels": ["dwell"],
+                          "gain_weights": {"dwell": 1.0}})
+    rows = purchase_rows()
+    for row in rows:
+        del row["label_purchase"]
+    data = write_dataset(tmp_path / "dwell", table_from_rows(rows, spec), spec)
+    result = CliRunner().invoke(main, ["train", "--model", "nar4rec", "--data", str(data),
+                                       "--out", str(tmp_path / "run"), "--set", "train.epochs=1"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: loss 'click_bce' needs a click signal ('click', or a binary signal with a gain "
+        "weight above 0 in gain_weights) but the data set has dwell (nonnegative, gain 1)")
+    assert not (tmp_path / "run").exists()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,45 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+class _NamesOption(click.Option):
+    """An option whose help lists a registry's names (``{names}`` in its help), read when the
+    help is shown: a new model, decoder, loader or preset appears without editing this file,
+    and a command that shows no help imports no registry."""
+
+    def __init__(self, *args: Any, names: Callable[[], Iterable[str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._names = names
+        self._help_template = self.help or ""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = self._help_template.format(names=", ".join(sorted(self._names())))
+        return super().get_help_record(ctx)
+
+
+def _model_names() -> Iterable[str]:
+    from genrerank.registry_names import MODEL_NAMES  # the models import torch; see there
+
+    return MODEL_NAMES
+
+
+def _decoder_names() -> Iterable[str]:
+    from genrerank.registry_names import DECODER_NAMES
+
+    return DECODER_NAMES
+
+
+def _loader_names() -> Iterable[str]:
+    from genrerank.data.loaders import LOADERS
+
+    return LOADERS
+
+
+def _preset_names() -> Iterable[str]:
+    from genrerank.data.simulator.presets import PRESETS
+
+    return PRESETS
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="genrerank")
 def main() -> None:
@@ -67,7 +106,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--preset", default="kuaishou", show_default=True, help="avito, kuaishou or large.")
+@click.option("--preset", default="kuaishou", show_default=True, cls=_NamesOption,
+              names=_preset_names, help="Simulator preset: {names}.")
 @click.option("--requests", "n_requests", type=click.IntRange(1), default=10_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
@@ -87,7 +127,8 @@ def data() -> None:
 
 
 @data.command("convert")
-@click.option("--format", "fmt", required=True, help="mind, ebnerd, avito or kuairand.")
+@click.option("--format", "fmt", required=True, cls=_NamesOption, names=_loader_names,
+              help="Public log format: {names}.")
 @click.option("--input", "input_path", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -113,6 +154,41 @@ def convert_cmd(
     click.echo(f"wrote {path}")
 
 
+@data.command("import")
+@click.option("--input", "table", type=click.Path(path_type=Path), required=True,
+              help="Impressions: a CSV, TSV or Parquet file, or a folder of them.")
+@click.option("--mapping", "mapping", type=click.Path(path_type=Path), required=True,
+              help="TOML mapping: which column is which, feature kinds, signals, split.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--candidates", "candidates", type=click.Path(path_type=Path), default=None,
+              help="Long table of candidates that were not shown (request id, item id, ...).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "parquet"]), default=None,
+              help="Table format; default: from the file extension.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--max-candidates", type=click.IntRange(1), default=500, show_default=True,
+              help="Refuse requests with more candidates (or drop them: --drop-oversized).")
+@click.option("--drop-oversized", is_flag=True,
+              help="Drop requests above --max-candidates instead of failing (count reported).")
+@click.option("--allow-missing-splits", is_flag=True,
+              help="Write a data set without train or valid requests (evaluation only).")
+@_user_errors
+def import_cmd(
+    table: Path, mapping: Path, out_dir: Path, candidates: Path | None, fmt: str | None,
+    overwrite: bool, max_candidates: int, drop_oversized: bool, allow_missing_splits: bool,
+) -> None:
+    """Import your impression logs as a data set, as described by a TOML mapping.
+
+    Mapping format and every rule: README "Your own logs" and genrerank.data.importer."""
+    from genrerank.data.importer import import_result, summary_lines
+
+    result = import_result(table, mapping, out_dir, overwrite, candidates, fmt=fmt,
+                           max_candidates=max_candidates, drop_oversized=drop_oversized)
+    path = result.write(out_dir, overwrite=overwrite, allow_missing_splits=allow_missing_splits)
+    for line in summary_lines(result.report):
+        click.echo(line)
+    click.echo(f"wrote {path}")
+
+
 @data.command("stats")
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @_validation_option
@@ -124,8 +200,49 @@ def stats_cmd(data_dir: Path) -> None:
     click.echo(format_stats(dataset_stats(data_dir)))
 
 
+@data.command("example")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--requests", "n_requests", type=click.IntRange(1), default=5_000,
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def example_cmd(out_dir: Path, n_requests: int, seed: int) -> None:
+    """Write a synthetic impressions CSV (OUT/impressions.csv, 10 rows per request) and the
+    mapping that imports it (OUT/mapping.toml): a stand-in for your own logs."""
+    from genrerank.data.importer.example import EXAMPLE_MAPPING, write_example_csv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_example_csv(out_dir / "impressions.csv", n_requests, seed)
+    (out_dir / "mapping.toml").write_text(EXAMPLE_MAPPING)
+    click.echo(f"wrote {out_dir / 'impressions.csv'} ({n_requests} requests) and "
+               f"{out_dir / 'mapping.toml'}")
+
+
+@data.command("request")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--split", default="test", show_default=True, help="train, valid or test.")
+@click.option("--index", type=click.IntRange(0), default=0, show_default=True,
+              help="Which request of the split.")
+@click.option("--m", "list_length", type=click.IntRange(1), default=None,
+              help="List length to ask for [default: the logged one].")
+@_validation_option
+@_user_errors
+def request_cmd(data_dir: Path, split: str, index: int, list_length: int | None) -> None:
+    """Print one request of a data set as the JSON body of POST /v1/rerank (to try a server)."""
+    import json
+
+    from genrerank.data.dataset import RerankDataset
+    from genrerank.serving.schema import payload_from_dataset
+
+    dataset = RerankDataset(data_dir, split=split)
+    if index >= len(dataset):
+        raise click.ClickException(f"{data_dir}: split {split!r} has {len(dataset)} requests; "
+                                   f"--index {index} is out of range")
+    click.echo(json.dumps(payload_from_dataset(dataset, index, m=list_length)))
+
+
 @main.command()
-@click.option("--model", "model_name", required=True, help="nar4rec, pointwise, prm or logging.")
+@click.option("--model", "model_name", required=True, cls=_NamesOption, names=_model_names,
+              help="Model: {names}.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
@@ -153,7 +270,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
               help="A generator-evaluator pipeline config (JSON) instead of a run.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None)
-@click.option("--decoder", default=None, help="greedy, contrastive, beam, sample, hungarian.")
+@click.option("--decoder", default=None, cls=_NamesOption, names=_decoder_names,
+              help="Instead of the run's own decoder: {names}.")
 @click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
 @_validation_option
 @_user_errors
@@ -177,6 +295,42 @@ def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
         result = evaluate_run(run_dir, data_dir, out_file, decoder,
                               _parse_options(decoder_params))
     click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="A trained generator run.")
+@click.option("--pipeline", "pipeline_config", type=click.Path(path_type=Path), default=None,
+              help="A generator-evaluator pipeline config (JSON) instead of a run.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True,
+              help="The Parquet file to write (one row per request).")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "valid", "test", "all"]),
+              help="Which requests to re-rank ('all': every request).")
+@click.option("--decoder", default=None, cls=_NamesOption, names=_decoder_names,
+              help="Instead of the run's own decoder: {names}.")
+@click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
+@click.option("--list-length", type=click.IntRange(1), default=None,
+              help="Items per list, at most n [default: each request's logged length].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_validation_option
+@_user_errors
+def rerank(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path, out_file: Path,
+           split: str, decoder: str | None, decoder_params: tuple[str, ...],
+           list_length: int | None, overwrite: bool) -> None:
+    """Re-rank every request of a split with a run or a pipeline; write the lists (Parquet)."""
+    if (run_dir is None) == (pipeline_config is None):
+        raise click.UsageError("give exactly one of --run and --pipeline")
+    if pipeline_config is not None and (decoder or decoder_params):
+        raise click.UsageError("--decoder applies to --run; a pipeline config names its own")
+    from genrerank.evaluation.rerank import rerank_dataset
+
+    summary = rerank_dataset(data_dir, out_file, run_dir=run_dir, pipeline=pipeline_config,
+                             split=split, decoder=decoder,
+                             decoder_params=_parse_options(decoder_params),
+                             list_length=list_length, overwrite=overwrite)
+    click.echo(summary.line())
 
 
 @main.command("export")
@@ -314,6 +468,22 @@ def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | No
     run_quality_benchmark(quick=quick, out_dir=out_dir, seeds=seed_list, shared_data=shared_data)
 
 
+@bench.command("import")
+@click.option("--rows", type=click.IntRange(10), default=1_000_000, show_default=True,
+              help="Impression rows of the synthetic CSV (10 per request).")
+@click.option("--skip-walkthrough", is_flag=True, help="Only the import timing.")
+@click.option("--skip-import", is_flag=True, help="Only the README walk-through.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@_user_errors
+def bench_import(rows: int, skip_walkthrough: bool, skip_import: bool, out_dir: Path) -> None:
+    """Import time and peak memory of a CSV of impressions; the README walk-through, timed."""
+    from genrerank.bench.importing import run_import_benchmark
+
+    run_import_benchmark(rows, out_dir, walkthrough=not skip_walkthrough,
+                         import_rows=not skip_import)
+
+
 @bench.command("latency")
 @click.option("--quick", is_flag=True, help="30 runs per cell, short caps: a smoke check.")
 @click.option("--runs", type=click.IntRange(1), default=None,
@@ -410,7 +580,8 @@ def bench_serving(quick: bool, out_dir: Path, work_dir: Path | None, threads: in
 
 
 @main.command()
-@click.option("--preset", default="kuaishou", show_default=True)
+@click.option("--preset", default="kuaishou", show_default=True, cls=_NamesOption,
+              names=_preset_names, help="Simulator preset: {names}.")
 @click.option(
     "--requests", "n_requests", type=click.IntRange(100), default=5_000, show_default=True
 )

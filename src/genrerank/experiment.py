@@ -31,7 +31,7 @@ from genrerank.evaluation.offline import (
     predict,
 )
 from genrerank.evaluation.online import evaluate_online
-from genrerank.losses import build_objective
+from genrerank.losses import build_objective, resolve_loss_config
 from genrerank.models import build_model
 from genrerank.training import TrainConfig, Trainer, load_model, load_run_config, seed_everything
 from genrerank.training.runs import RUN_CONFIG, check_run
@@ -85,6 +85,9 @@ def train_run(
         raise ValueError(f"{data_dir}: needs requests in both the train and valid splits")
     warn_unlabelled(train)
     model_cfg = {k: v for k, v in cfg["model"].items() if k != "name"}
+    # The data set's gain weights and click signal fill what the loss config leaves out (and are
+    # recorded in run_config.json); a loss needing a signal the data lacks fails here.
+    cfg["loss"] = resolve_loss_config(cfg["loss"], train.spec)
     model = build_model(model_name, train.spec, model_cfg)
     objective = build_objective(cfg["loss"])
     # One scorer for model selection and the decoding choice: the oracle's world (or the
@@ -221,7 +224,8 @@ def _label(name: str, params: dict[str, Any]) -> str:
 
 def _check_compatible(model_spec: FeatureSpec, data_spec: FeatureSpec) -> None:
     """A model can only read data whose features it was built for."""
-    for attr in ("user_categorical", "item_categorical", "user_dense", "item_dense"):
+    for attr in ("user_categorical", "item_categorical", "user_dense", "item_dense",
+                 "context_categorical", "context_dense"):
         if getattr(model_spec, attr) != getattr(data_spec, attr):
             raise ValueError(
                 f"the data set's {attr} differ from those the model was trained on; "
@@ -253,6 +257,8 @@ def evaluate_model(
     result: dict[str, Any] = {
         "requests": len(dataset),
         "decoder": {"name": decoder, **(decoder_params or {})},
+        # What the click metrics (AUC, recall@k, clicks@k) read: not always a click.
+        "click_signal": preds.click_signal if preds.click_signal in preds.labels else None,
         "offline": offline_metrics(preds, top_k_cutoffs(dataset), propensities=propensities),
     }
     if "simulator" in dataset.spec.extra:
@@ -319,6 +325,23 @@ def run_decoding(run_dir: str | Path) -> dict[str, Any]:
     return decode_cfg
 
 
+def load_run_for_decoding(
+    run_dir: str | Path, decoder: str | None = None,
+    decoder_params: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """``(model, meta, decode config)`` of a finished run's best checkpoint: the run's own
+    decoder, or ``decoder`` (its parameters start empty then), updated with ``decoder_params``.
+    What ``evaluate`` and ``rerank`` decode with; an incomplete or failed run is refused."""
+    decode_cfg = run_decoding(run_dir)  # first: a failed or unfinished run is refused
+    model, meta = load_model(run_dir, "best")
+    if decoder is not None and decoder != decode_cfg.get("name"):
+        decode_cfg = {"name": decoder}
+    decode_cfg.update(decoder_params or {})
+    if decode_cfg.get("alpha") == "auto":
+        raise ValueError("decoder alpha 'auto' is resolved at training time; pass a number")
+    return model, meta, decode_cfg
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | Path,
@@ -329,13 +352,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run's selected (best) model on ``split`` of ``data_dir``."""
     run_dir = Path(run_dir)
-    decode_cfg = run_decoding(run_dir)  # first: a failed or unfinished run is refused
-    model, meta = load_model(run_dir, "best")
-    if decoder is not None and decoder != decode_cfg.get("name"):
-        decode_cfg = {"name": decoder}
-    decode_cfg.update(decoder_params or {})
-    if decode_cfg.get("alpha") == "auto":
-        raise ValueError("decoder alpha 'auto' is resolved at training time; pass a number")
+    model, meta, decode_cfg = load_run_for_decoding(run_dir, decoder, decoder_params)
     dataset = RerankDataset(data_dir, split=split)
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split!r} split is empty")

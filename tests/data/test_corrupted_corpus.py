@@ -37,6 +37,8 @@ def _write_raw(folder: Path, rows: Rows, schema: pa.Schema | None = None,
     """Write ``rows`` with the format's metadata but without any validation."""
     spec = tiny_spec()
     schema = schema or arrow_schema(spec)
+    # The tiny spec declares no request context: its columns hold empty lists.
+    rows = [{"context_cat": [], "context_dense": [], **row} for row in rows]
     table = pa.Table.from_pylist(rows, schema=schema)
     if drop:
         table = table.drop_columns([drop])

@@ -178,3 +178,72 @@ def test_table_from_rows_fills_optional_columns_and_names_missing_ones() -> None
     with pytest.raises(DataValidationError, match=r"row 0 \(request_id 'r0'\): missing key "
                                                   r"'exposed'"):
         table_from_rows([row], spec)
+
+
+def test_candidates_must_be_in_upstream_order(tmp_path: Path) -> None:
+    rows = tiny_rows()
+    rows[2]["upstream_score"] = [0.9, 0.9, 0.95, 0.1]  # ties fine, a rise is not
+    with pytest.raises(DataValidationError, match=r"row 2 \(request_id 'r2'\), field "
+                                                  r"'upstream_score': .*candidate 2 \(0\.95\)"):
+        write_dataset(tmp_path / "bad", table_from_rows(rows, tiny_spec()), tiny_spec())
+    rows[2]["upstream_score"] = [0.9, 0.9, 0.5, 0.1]
+    rows[1]["upstream_score"] = [5.0, 4.0]  # above the previous request's last score: fine
+    assert read_dataset(write_dataset(tmp_path / "ok", table_from_rows(rows, tiny_spec()),
+                                      tiny_spec()))[0].num_rows == 3
+
+
+def test_write_refuses_a_data_set_without_train_or_valid(tmp_path: Path) -> None:
+    rows = tiny_rows()
+    rows[1]["split"] = "test"
+    with pytest.raises(DataValidationError, match=r"no request in the 'valid' split .*"
+                                                  r"assign_time_split.*allow_missing_splits"):
+        write_dataset(tmp_path / "out", table_from_rows(rows, tiny_spec()), tiny_spec())
+    assert not (tmp_path / "out").exists()
+    for row in rows:
+        row["split"] = "test"
+    with pytest.raises(DataValidationError, match=r"'train' or 'valid' split"):
+        write_dataset(tmp_path / "out", table_from_rows(rows, tiny_spec()), tiny_spec())
+    path = write_dataset(tmp_path / "out", table_from_rows(rows, tiny_spec()), tiny_spec(),
+                         allow_missing_splits=True)  # e.g. only for rerank / evaluate
+    assert read_dataset(path)[0].column("split").to_pylist() == ["test"] * 3
+
+
+def test_parquet_written_by_pandas_reads_with_a_hand_written_spec(tmp_path: Path) -> None:
+    import pandas as pd
+
+    spec = FeatureSpec(source="search-log", labels=["purchase", "dwell"],
+                       label_kinds={"purchase": "binary", "dwell": "nonnegative"},
+                       gain_weights={"purchase": 2.0, "dwell": 0.0})
+    frame = pd.DataFrame({
+        "request_id": ["q1", "q2"], "time": [10, 20], "user_id": ["u1", "u2"],
+        "split": ["train", "valid"],
+        "user_cat": [[], []], "user_dense": [[], []],
+        "context_cat": [[], []], "context_dense": [[], []],
+        "item_id": [["a", "b", "c"], ["d", "e"]],
+        "item_cat": [[[], [], []], [[], []]], "item_dense": [[[], [], []], [[], []]],
+        "upstream_score": [[3.0, 2.0, 1.0], [2, 1]],  # ints in a float column: fine
+        "category": [[0, 0, 0], [0, 0]], "creator": [[0, 0, 0], [0, 0]],
+        "is_cold_start": [[False] * 3, [False] * 2], "is_long_tail": [[False] * 3, [False] * 2],
+        "exposed": [[1, 0], [0, 1]],
+        "label_purchase": [[1.0, 0.0], [0.0, 0.0]], "label_dwell": [[30.5, 2.0], [0.0, 4.0]],
+    })
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    frame.to_parquet(folder / REQUESTS_FILE)
+    with pytest.raises(DataValidationError, match=r"no genrerank metadata and .* no "
+                                                  r"feature_spec\.json.*write_dataset.*"
+                                                  r"genrerank data import"):
+        read_dataset(folder)
+    (folder / SPEC_FILE).write_text(json.dumps({
+        "schema_version": 1, "source": "search-log", "labels": ["purchase", "dwell"],
+        "label_kinds": {"purchase": "binary", "dwell": "nonnegative"},
+        "gain_weights": {"purchase": 2.0, "dwell": 0.0}}))
+    table, read = read_dataset(folder)
+    assert read == FeatureSpec(**{**spec.to_dict(), "max_candidates": 3, "max_list_length": 2})
+    assert table.schema.field("upstream_score").type.value_type == "float"
+    assert table.column("label_dwell").to_pylist() == [[30.5, 2.0], [0.0, 4.0]]
+    assert table.column("item_cat").to_pylist()[1] == [[], []]
+    frame.loc[1, "label_purchase"] = [0.0, 3.0]  # every row is still validated
+    frame.to_parquet(folder / REQUESTS_FILE)
+    with pytest.raises(DataValidationError, match=r"row 1 .*'label_purchase': invalid value 3"):
+        read_dataset(folder)

@@ -42,6 +42,8 @@ def make_batch(
         request_index=torch.arange(b),
         user_cat=torch.zeros(b, 1, dtype=torch.long),
         user_dense=torch.zeros(b, 1),
+        context_cat=torch.zeros(b, 0, dtype=torch.long),
+        context_dense=torch.zeros(b, 0),
         item_cat=torch.zeros(b, n, 1, dtype=torch.long),
         item_dense=torch.zeros(b, n, 1),
         upstream_score=torch.zeros(b, n),

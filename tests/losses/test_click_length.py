@@ -71,7 +71,7 @@ def test_click_bce_errors() -> None:
     with pytest.raises(ValueError, match="click_logits"):
         build_loss("click_bce")(output(zeros_log_probs(batch)), batch)
     out = output(zeros_log_probs(batch), click_logits=CLICK_LOGITS.unsqueeze(0))
-    with pytest.raises(ValueError, match="'click' label"):
+    with pytest.raises(ValueError, match=r"no 'click' signal \(it has \['like'\]\)"):
         build_loss("click_bce")(out, batch)
     with pytest.raises(ValueError, match="pos_weight"):
         ClickBCELoss(pos_weight=0.0)

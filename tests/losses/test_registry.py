@@ -133,3 +133,29 @@ def test_register_custom_loss() -> None:
             register_loss("_test_not_a_loss")(int)  # type: ignore[arg-type]
     finally:
         LOSSES.pop("_test_mean_log_prob", None)
+
+
+def test_resolve_loss_config_fills_what_the_data_set_decides() -> None:
+    from genrerank.data.schema import FeatureSpec
+    from genrerank.losses import resolve_loss_config
+    from tests.conftest import purchase_spec, tiny_spec
+
+    cfg = [{"name": "gain_bce"}, {"name": "click_bce", "weight": 0.5},
+           {"name": "unlikelihood", "weights": {"purchase": 1.0}}, {"name": "likelihood"}]
+    assert resolve_loss_config(cfg, purchase_spec()) == [
+        {"name": "gain_bce", "weights": {"purchase": 2.0, "dwell": 0.0}},
+        {"name": "click_bce", "weight": 0.5, "signal": "purchase"},
+        {"name": "unlikelihood", "weights": {"purchase": 1.0}},  # given: kept
+        {"name": "likelihood"},
+    ]
+    assert cfg[0] == {"name": "gain_bce"}  # the input is not changed
+    assert resolve_loss_config({"name": "gain_bce"}, tiny_spec()) == [
+        {"name": "gain_bce", "weights": {"click": 1.0, "like": 1.5}}]
+    build_objective(resolve_loss_config(cfg, purchase_spec()))
+    with pytest.raises(ValueError, match=r"loss 'click_bce': signal 'click' is not in the data "
+                                         r"set, which has purchase \(binary, gain 2\)"):
+        resolve_loss_config([{"name": "click_bce", "signal": "click"}], purchase_spec())
+    unweighted = FeatureSpec(**{**purchase_spec().to_dict(), "gain_weights": {}})
+    with pytest.raises(ValueError, match=r"loss 'gain_bce' needs a signal with a gain weight "
+                                         r"above 0 .* purchase \(binary, gain 0\)"):
+        resolve_loss_config([{"name": "gain_bce"}], unweighted)

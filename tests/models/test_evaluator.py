@@ -154,3 +154,16 @@ def test_training_steps_reduce_the_loss(data: RerankDataset) -> None:
         optimizer.step()
         losses.append(total.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_heads_follow_the_spec_gain_weights() -> None:
+    from genrerank.data.schema import FeatureSpec
+    from tests.conftest import purchase_spec
+
+    model = build_model("evaluator", purchase_spec(), {"dim": 16})
+    assert model.signals == ["purchase"]  # dwell weighs 0 and is not binary
+    assert model.gain_weights == {"purchase": 2.0}
+    spec = FeatureSpec(**{**purchase_spec().to_dict(), "gain_weights": {"dwell": 1.0}})
+    with pytest.raises(ValueError, match=r"evaluator: needs a binary signal .* purchase "
+                                         r"\(binary, gain 0\), dwell \(nonnegative, gain 1\)"):
+        build_model("evaluator", spec, {"dim": 16})

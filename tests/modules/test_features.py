@@ -34,7 +34,9 @@ def batch(b: int = 2, n: int = 5, pad_from: int | None = None) -> Batch:
     category = torch.randint(1, 4, (b, n), generator=g)
     return Batch(
         request_index=torch.arange(b), user_cat=torch.randint(0, 3, (b, 1), generator=g),
-        user_dense=torch.rand(b, 3, generator=g) * 10, item_cat=category.unsqueeze(-1),
+        user_dense=torch.rand(b, 3, generator=g) * 10,
+        context_cat=torch.zeros(b, 0, dtype=torch.long), context_dense=torch.zeros(b, 0),
+        item_cat=category.unsqueeze(-1),
         item_dense=torch.randn(b, n, 1, generator=g) * 100 + 50,
         upstream_score=torch.randn(b, n, generator=g), category=category,
         creator=torch.zeros(b, n, dtype=torch.long),

@@ -29,6 +29,8 @@ class Batch:
     request_index: torch.Tensor  # [B] long: row of the request in its data set
     user_cat: torch.Tensor  # [B, Fuc] long
     user_dense: torch.Tensor  # [B, Fud] float
+    context_cat: torch.Tensor  # [B, Fcc] long: request context (query, device, page), 0 = unknown
+    context_dense: torch.Tensor  # [B, Fcd] float
     item_cat: torch.Tensor  # [B, N, Fic] long
     item_dense: torch.Tensor  # [B, N, Fid] float
     upstream_score: torch.Tensor  # [B, N] float
@@ -99,6 +101,19 @@ class _Ragged:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 
+def _context_column(table: pa.Table, spec: FeatureSpec, name: str) -> pa.ChunkedArray:
+    """A context column; empty lists for an in-memory table built before the context columns
+    existed (read_dataset adds them itself), when the spec declares no such features."""
+    if name in table.column_names:
+        return table.column(name)
+    declared = spec.context_categorical if name == "context_cat" else spec.context_dense
+    if declared:
+        raise ValueError(f"table has no column {name!r} but the spec declares {len(declared)} "
+                         "such feature(s)")
+    value_type = pa.int32() if name == "context_cat" else pa.float32()
+    return pa.chunked_array([pa.array([[]] * table.num_rows, type=pa.list_(value_type))])
+
+
 class RerankDataset(Dataset):
     """Requests of one split (or all), held in memory as flat arrays."""
 
@@ -124,6 +139,10 @@ class RerankDataset(Dataset):
         col = table.column
         self._user_cat = _Ragged(col("user_cat"), 1, np.int64)
         self._user_dense = _Ragged(col("user_dense"), 1, np.float32)
+        self._context_cat = _Ragged(_context_column(table, spec, "context_cat"), 1, np.int64)
+        self._context_dense = _Ragged(
+            _context_column(table, spec, "context_dense"), 1, np.float32
+        )
         self._item_cat = _Ragged(col("item_cat"), 2, np.int64, len(spec.item_categorical))
         self._item_dense = _Ragged(col("item_dense"), 2, np.float32, len(spec.item_dense))
         self._per_candidate = {
@@ -147,6 +166,8 @@ class RerankDataset(Dataset):
             "request_index": int(self.rows[i]),
             "user_cat": self._user_cat[i],
             "user_dense": self._user_dense[i],
+            "context_cat": self._context_cat[i],
+            "context_dense": self._context_dense[i],
             "item_cat": self._item_cat[i],
             "item_dense": self._item_dense[i],
             "item_hash": self._item_hash[i],
@@ -186,12 +207,17 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
             labels[s][k, :m] = v
 
     t = torch.from_numpy
+
+    def per_request(name: str, dtype: np.dtype) -> torch.Tensor:
+        # reshape(b, -1): a source without such features has width 0, not a missing axis.
+        return t(np.stack([it[name] for it in items]).astype(dtype)).reshape(b, -1)
+
     return Batch(
         request_index=torch.tensor([it["request_index"] for it in items], dtype=torch.long),
-        user_cat=t(np.stack([it["user_cat"] for it in items]).astype(np.int64)).reshape(b, -1),
-        user_dense=t(np.stack([it["user_dense"] for it in items]).astype(np.float32)).reshape(
-            b, -1
-        ),
+        user_cat=per_request("user_cat", np.int64),
+        user_dense=per_request("user_dense", np.float32),
+        context_cat=per_request("context_cat", np.int64),
+        context_dense=per_request("context_dense", np.float32),
         item_cat=t(pad("item_cat", n_max, np.int64, (fic,))),
         item_dense=t(pad("item_dense", n_max, np.float32, (fid,))),
         item_hash=t(pad("item_hash", n_max, np.int64)) if "item_hash" in items[0] else None,

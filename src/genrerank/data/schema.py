@@ -4,7 +4,9 @@ A data set is a folder holding:
 
 - ``requests.parquet``: one row per request (columns below), the schema version and the feature
   spec in the Parquet key-value metadata;
-- ``feature_spec.json``: the same feature spec, readable without pyarrow.
+- ``feature_spec.json``: the same feature spec, readable without pyarrow. A
+  ``requests.parquet`` written by another tool (pandas' ``to_parquet``) has no genrerank
+  metadata: the JSON file is then the spec (:func:`read_dataset`).
 
 Columns (``n`` = candidates of the request, ``m`` = length of the exposed list, ``m <= n``):
 
@@ -33,8 +35,9 @@ label_<name>   list<float32>            one value per exposed position, for each
                                         ``spec.labels`` only
 ============== ======================== =====================================================
 
-Candidates are stored by upstream score, highest first (the upstream order: PRM and the
-``upstream`` baseline read it from the candidate index).
+Candidates are stored by upstream score, highest first, ties in any order (the upstream order:
+PRM and the ``upstream`` baseline read it from the candidate index; :func:`validate_table` checks
+it). :func:`write_dataset` wants requests in both the ``train`` and ``valid`` splits.
 
 A signal the source does not have is *absent*: no ``label_<name>`` column and not listed in
 ``spec.labels``; it is never filled with zeros. Any lowercase identifier names a signal; its kind
@@ -344,7 +347,9 @@ def conform_types(table: pa.Table, spec: FeatureSpec, where: str = "requests") -
     for f in expected:
         actual = type_kind(table.schema.field(f.name).type)
         want = type_kind(f.type)
-        compatible = actual == want or actual == want.replace("float", "int")
+        # An all-empty list column written by pandas has value type null: it casts to anything.
+        leaf = want.replace("list<", "").rstrip(">")
+        compatible = actual in (want, want.replace("float", "int"), want.replace(leaf, "null"))
         if not compatible:
             raise DataValidationError(
                 f"{where}: field {f.name!r} has type {actual}, expected {want}"
@@ -354,6 +359,23 @@ def conform_types(table: pa.Table, spec: FeatureSpec, where: str = "requests") -
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DataValidationError(f"{where}: cannot read the columns as {expected}: {exc}") \
             from exc
+
+
+def _check_upstream_order(table: pa.Table, n: np.ndarray, fail: Any) -> None:
+    """Candidates must be stored by upstream score, highest first (ties fine): PRM and the
+    ``upstream`` baseline read the upstream order from the candidate index."""
+    scores, _ = _flat(table, "upstream_score")
+    scores = scores.astype(np.float64)
+    starts = np.repeat(np.cumsum(n) - n, n)
+    rises = np.flatnonzero(scores[1:] > scores[:-1]) + 1  # flat index of the higher score
+    rises = rises[rises != starts[rises]]  # a rise across two requests is no error
+    if rises.size:
+        k = int(rises[0])
+        i = k - int(starts[k])
+        fail(_row_of(k, n), "upstream_score",
+             f"candidates must be stored by upstream score, highest first: candidate {i} "
+             f"({scores[k]:g}) scores above candidate {i - 1} ({scores[k - 1]:g}); sort each "
+             "request's candidates by upstream score (descending) and renumber exposed")
 
 
 def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") -> None:
@@ -449,6 +471,7 @@ def validate_table(table: pa.Table, spec: FeatureSpec, where: str = "requests") 
     if bad.any():
         k = len(spec.item_dense)
         fail(_row_of(int(np.flatnonzero(bad)[0]) // k, n), "item_dense", "NaN or infinite value")
+    _check_upstream_order(table, n, fail)
 
     def check_vocab(vals: np.ndarray, vocab: np.ndarray, lengths: np.ndarray, name: str) -> None:
         bad = (vals < 0) | (vals >= vocab)
@@ -532,12 +555,19 @@ def _atomic_replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 
 
 def write_dataset(
-    out_dir: str | Path, table: pa.Table, spec: FeatureSpec, overwrite: bool = False
+    out_dir: str | Path, table: pa.Table, spec: FeatureSpec, overwrite: bool = False,
+    allow_missing_splits: bool = False,
 ) -> Path:
-    """Validate and write a data set folder atomically: all of it on success, nothing on error."""
+    """Validate and write a data set folder atomically: all of it on success, nothing on error.
+
+    Training needs requests in both the ``train`` and ``valid`` splits, so a table without
+    either is refused unless ``allow_missing_splits`` (a data set only re-ranked or evaluated).
+    """
     out_dir = Path(out_dir)
     table = conform_types(table, spec, where=str(out_dir))
     validate_table(table, spec, where=str(out_dir))
+    if not allow_missing_splits:
+        _check_train_and_valid(table, where=str(out_dir))
     n = table.column("item_id").combine_chunks().value_lengths().to_numpy()
     m = table.column("exposed").combine_chunks().value_lengths().to_numpy()
     spec.max_candidates = max(spec.max_candidates, int(n.max()))
@@ -559,11 +589,24 @@ def write_dataset(
     return out_dir
 
 
+def _check_train_and_valid(table: pa.Table, where: str) -> None:
+    present = set(pc.unique(table.column("split")).to_pylist())
+    missing = [s for s in ("train", "valid") if s not in present]
+    if missing:
+        raise DataValidationError(
+            f"{where}: no request in the {' or '.join(repr(s) for s in missing)} split (splits "
+            f"present: {sorted(present)}); fill the split column with "
+            "genrerank.data.splits.assign_time_split or the [split] options of "
+            "`genrerank data import`, or pass allow_missing_splits=True for a data set only "
+            "re-ranked or evaluated"
+        )
+
+
 #: Whether :func:`read_dataset` validates by default (``--no-validate`` turns it off for trusted
 #: data), and the files already validated in this process: (path, mtime, size), so that reading
 #: the train, valid and test splits of one data set validates it once.
 _validate_on_read = True
-_validated: set[tuple[str, int, int]] = set()
+_validated: set[tuple[Any, ...]] = set()
 
 
 def set_validate_on_read(enabled: bool) -> None:
@@ -593,7 +636,11 @@ def read_dataset(
 ) -> tuple[pa.Table, FeatureSpec]:
     """Read a data set folder: schema version first, then the feature spec (the JSON file must
     agree with the Parquet metadata), column types, and (by default, once per file and process)
-    every invariant of :func:`validate_table`. Errors name the file, row, request and field."""
+    every invariant of :func:`validate_table`. Errors name the file, row, request and field.
+
+    A ``requests.parquet`` without genrerank metadata (written by pandas' ``to_parquet`` or
+    another tool) reads when ``feature_spec.json`` is next to it: the JSON is then the spec, and
+    the columns are conformed and validated the same way."""
     data_dir = Path(data_dir)
     path = data_dir / REQUESTS_FILE
     if not path.exists():
@@ -603,18 +650,29 @@ def read_dataset(
     except (pa.ArrowException, OSError) as exc:
         raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
     version = meta.get(METADATA_VERSION_KEY)
-    if version is None or version.decode(errors="replace") != str(SCHEMA_VERSION):
+    from_json = version is None and METADATA_SPEC_KEY not in meta
+    if from_json:
+        # A Parquet written by another tool (pandas' to_parquet): the JSON file is the spec.
+        if not (data_dir / SPEC_FILE).exists():
+            raise DataValidationError(
+                f"{path} has no genrerank metadata and {data_dir} has no {SPEC_FILE}: a data "
+                f"set needs its feature spec; write it with genrerank.data.schema.write_dataset "
+                f"or `genrerank data import`, or add a {SPEC_FILE} (FeatureSpec.to_json)"
+            )
+        spec = FeatureSpec.load(data_dir / SPEC_FILE)
+    elif version is None or version.decode(errors="replace") != str(SCHEMA_VERSION):
         raise DataValidationError(
             f"{path}: schema version {version!r}, this genrerank reads {SCHEMA_VERSION}"
         )
-    try:
-        spec = FeatureSpec.from_dict(json.loads(meta[METADATA_SPEC_KEY]))
-    except (KeyError, ValueError, TypeError) as exc:
-        if isinstance(exc, DataValidationError):
-            raise DataValidationError(f"{path}: {exc}") from exc
-        raise DataValidationError(f"{path}: no valid feature spec in the metadata ({exc})") \
-            from exc
-    _check_spec_file(data_dir, spec)
+    else:
+        try:
+            spec = FeatureSpec.from_dict(json.loads(meta[METADATA_SPEC_KEY]))
+        except (KeyError, ValueError, TypeError) as exc:
+            if isinstance(exc, DataValidationError):
+                raise DataValidationError(f"{path}: {exc}") from exc
+            raise DataValidationError(
+                f"{path}: no valid feature spec in the metadata ({exc})") from exc
+        _check_spec_file(data_dir, spec)
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
@@ -624,8 +682,15 @@ def read_dataset(
         validate = _validate_on_read
     if validate:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key: tuple[Any, ...] = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if from_json:  # the JSON is the spec: editing it must validate again
+            spec_stat = (data_dir / SPEC_FILE).stat()
+            key += (spec_stat.st_mtime_ns, spec_stat.st_size)
         if key not in _validated:
             validate_table(table, spec, where=str(path))
             _validated.add(key)
+    if from_json:  # list sizes a hand-written spec may leave at 0, as write_dataset records them
+        for name, attr in (("item_id", "max_candidates"), ("exposed", "max_list_length")):
+            lengths = table.column(name).combine_chunks().value_lengths().to_numpy()
+            setattr(spec, attr, max(getattr(spec, attr), int(lengths.max(initial=0))))
     return table, spec

@@ -1,8 +1,10 @@
 """Summary statistics of a data set folder, for ``genrerank data stats DIR``.
 
 :func:`dataset_stats` returns plain Python numbers (JSON-ready); :func:`format_stats` words them.
-Label rates are per exposed item. A signal the source does not have is reported as ``"absent"``,
-never as a rate of zero.
+Label statistics are per exposed item, for every signal of the data set whatever its name: a
+rate for binary signals, a mean (and non-zero share) for nonnegative ones. A built-in signal the
+source does not have is reported as ``"absent"``, never as a rate of zero. ``gain_weights`` are the
+weights list metrics and gain losses use (:func:`genrerank.data.signals.gain_weights`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from genrerank.data.schema import BINARY_LABELS, KNOWN_LABELS, SPLITS, read_dataset
+from genrerank.data.schema import KNOWN_LABELS, SPLITS, read_dataset
+from genrerank.data.signals import click_signal, gain_weights
 
 __all__ = ["dataset_stats", "format_stats"]
 
@@ -34,19 +37,20 @@ def dataset_stats(data_dir: str | Path) -> dict[str, Any]:
     m = table["exposed"].combine_chunks().value_lengths().to_numpy()
     exposed_total = int(m.sum())
     labels: dict[str, Any] = {}
-    for name in KNOWN_LABELS:
+    # The data set's own signals first, then the built-in ones it lacks.
+    for name in [*spec.labels, *(s for s in KNOWN_LABELS if s not in spec.labels)]:
         if name not in spec.labels:
             labels[name] = "absent"
             continue
         values = pc.list_flatten(table[f"label_{name}"]).to_numpy(zero_copy_only=False)
         values = values.astype(np.float64)
-        if name in BINARY_LABELS:
+        if spec.label_kind(name) == "binary":
             labels[name] = {
                 "positives": int(values.sum()),
                 "exposed": exposed_total,
                 "rate": float(values.mean()) if len(values) else 0.0,
             }
-        else:  # watch_time, seconds
+        else:  # nonnegative: watch time in seconds, dwell, counts...
             labels[name] = {
                 "mean": float(values.mean()) if len(values) else 0.0,
                 "nonzero_rate": float((values > 0).mean()) if len(values) else 0.0,
@@ -69,6 +73,8 @@ def dataset_stats(data_dir: str | Path) -> dict[str, Any]:
         "long_tail_share": tail / n_cand,
         "time": {"min": int(times.min()), "max": int(times.max())},
         "labels": labels,
+        "gain_weights": gain_weights(spec),
+        "click_signal": click_signal(spec),
     }
 
 
@@ -102,7 +108,14 @@ def format_stats(stats: dict[str, Any]) -> str:
                 f"{value['exposed']:,})"
             )
         else:
+            unit = " s" if name == "watch_time" else ""  # the one signal whose unit we know
             lines.append(
-                f"  {name}: mean {value['mean']:.2f} s, non-zero {value['nonzero_rate']:.4f}"
+                f"  {name}: mean {value['mean']:.2f}{unit}, non-zero {value['nonzero_rate']:.4f}"
             )
+    weights = stats.get("gain_weights") or {}
+    if weights:
+        lines.append("gain weights (list metrics, gain losses): "
+                     + ", ".join(f"{s} {w:g}" for s, w in weights.items()))
+    if "click_signal" in stats:
+        lines.append(f"click signal (click head, AUC, clicks@k): {stats['click_signal'] or 'none'}")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from genrerank.data.dataset import RerankDataset, collate
+from genrerank.data.signals import click_signal
 from genrerank.evaluation.offline import (
     _LIST_BONUS,
     Predictions,
@@ -43,6 +44,7 @@ def _served(pipe: Pipeline, dataset: RerankDataset, batch_size: int,
     acc: dict[str, list[np.ndarray]] = {}
     extra: dict[str, list[np.ndarray]] = {"oracle_best": [], "distinct": []}
     labels: dict[str, list[np.ndarray]] = {s: [] for s in dataset.spec.labels}
+    signal = click_signal(dataset.spec)  # the evaluator's head for the click metrics
     start = 0
     for batch in loader:
         lengths = batch.position_mask.sum(1)
@@ -54,7 +56,7 @@ def _served(pipe: Pipeline, dataset: RerankDataset, batch_size: int,
         scores[rows, lists[rows, slots]] = _LIST_BONUS - slots.float()
         with torch.inference_mode():
             logits = pipe.evaluator(batch).signal_logits  # type: ignore[misc]
-        click = torch.sigmoid(logits["click"]) if "click" in logits else torch.full(
+        click = torch.sigmoid(logits[signal]) if signal in logits else torch.full(
             batch.position_mask.shape, 0.5)
         for name, value in (("request_index", batch.request_index), ("lists", lists),
                             ("candidate_scores", scores),
@@ -77,7 +79,7 @@ def _served(pipe: Pipeline, dataset: RerankDataset, batch_size: int,
             gains = np.where(valid.numpy(), gains, -np.inf)
             extra["oracle_best"].append(gains.max(1))
         start += batch.batch_size
-    preds = collect_predictions(acc, labels)
+    preds = collect_predictions(acc, labels, dataset.spec)
     return preds, {k: np.concatenate(v) for k, v in extra.items() if v}
 
 

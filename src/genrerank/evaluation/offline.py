@@ -33,7 +33,9 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
-from genrerank.data.dataset import RerankDataset, collate
+from genrerank.data.dataset import Batch, RerankDataset, collate
+from genrerank.data.schema import FeatureSpec
+from genrerank.data.signals import click_signal, gain_weights, require_click_signal
 from genrerank.decoding import DecodedLists, decode
 from genrerank.metrics import (
     DEFAULT_GAIN_WEIGHTS,
@@ -64,6 +66,12 @@ class Predictions:
     position_mask: np.ndarray  # [R, M]
     click_prob: np.ndarray  # [R, M] at the logged (candidate, position)
     labels: dict[str, np.ndarray] = field(default_factory=dict)  # [R, M]
+    #: Gain weight per signal (:func:`genrerank.data.signals.gain_weights` of the data set);
+    #: None = the library defaults for the built-in signals present.
+    gain_weights: dict[str, float] | None = None
+    #: The signal the click metrics read (:func:`genrerank.data.signals.click_signal`); they
+    #: are left out when it is None or absent from ``labels``.
+    click_signal: str | None = "click"
 
 
 def _pad_cat(parts: list[np.ndarray], fill: Any) -> np.ndarray:
@@ -73,6 +81,31 @@ def _pad_cat(parts: list[np.ndarray], fill: Any) -> np.ndarray:
         pad = np.full((p.shape[0], width - p.shape[1], *p.shape[2:]), fill, dtype=p.dtype)
         out.append(np.concatenate([p, pad], axis=1))
     return np.concatenate(out)
+
+
+@torch.inference_mode()
+def decode_lists(
+    model: torch.nn.Module,
+    batch: Batch,
+    decoder: str = "greedy",
+    decoder_params: dict[str, Any] | None = None,
+    out: Any = None,
+) -> torch.Tensor:
+    """Each request's list ``[B, M]`` (candidate indices, -1 past its length) at the length of
+    its ``position_mask``: the one decoding step that evaluation and ``rerank`` share. ``out``
+    is the model's output on ``batch`` when the caller has it (matrix models decode it; the
+    autoregressive model writes its lists step by step instead)."""
+    lengths = batch.position_mask.sum(1)
+    if getattr(model, "stepwise", False):
+        lists = model.generate(batch, lengths, decoder, **(decoder_params or {}))
+    else:
+        out = model(batch) if out is None else out
+        extra = model.decoder_inputs(decoder, batch, out)
+        lists = decode(decoder, out.log_probs, batch.candidate_mask, lengths,
+                       **{**extra, **(decoder_params or {})})
+    if isinstance(lists, DecodedLists):
+        lists = lists.lists[:, 0]  # best of K
+    return lists
 
 
 @torch.inference_mode()
@@ -91,15 +124,7 @@ def predict(
     labels: dict[str, list[np.ndarray]] = {s: [] for s in dataset.spec.labels}
     for batch in loader:
         out = model(batch)
-        lengths = batch.position_mask.sum(1)
-        if getattr(model, "stepwise", False):
-            lists = model.generate(batch, lengths, decoder, **decoder_params)
-        else:
-            extra = model.decoder_inputs(decoder, batch, out)
-            lists = decode(decoder, out.log_probs, batch.candidate_mask, lengths,
-                           **{**extra, **decoder_params})
-        if isinstance(lists, DecodedLists):
-            lists = lists.lists[:, 0]  # best of K
+        lists = decode_lists(model, batch, decoder, decoder_params, out)
         mass = torch.logsumexp(out.log_probs.masked_fill(~batch.position_mask[:, None, :],
                                                          float("-inf")), dim=2)
         scores = mass.masked_fill(~batch.candidate_mask, float("-inf"))
@@ -118,14 +143,19 @@ def predict(
             acc.setdefault(name, []).append(value.cpu().numpy())
         for s in labels:
             labels[s].append(batch.labels[s].numpy())
-    return collect_predictions(acc, labels)
+    return collect_predictions(acc, labels, dataset.spec)
 
 
 def collect_predictions(
-    acc: dict[str, list[np.ndarray]], labels: dict[str, list[np.ndarray]]
+    acc: dict[str, list[np.ndarray]], labels: dict[str, list[np.ndarray]],
+    spec: FeatureSpec | None = None,
 ) -> Predictions:
     """Per-batch arrays (each field's list, as ``predict`` accumulates them) padded to the
-    largest n and m and concatenated."""
+    largest n and m and concatenated; ``spec`` (the data set's) names the gain weights and the
+    click signal."""
+    signals: dict[str, Any] = {}
+    if spec is not None:
+        signals = {"gain_weights": gain_weights(spec), "click_signal": click_signal(spec)}
     return Predictions(
         request_index=np.concatenate(acc["request_index"]),
         lists=_pad_cat(acc["lists"], -1),
@@ -135,6 +165,7 @@ def collect_predictions(
         position_mask=_pad_cat(acc["position_mask"], False),
         click_prob=_pad_cat(acc["click_prob"], 0.5),
         labels={s: _pad_cat(v, 0.0) for s, v in labels.items()},
+        **signals,
     )
 
 
@@ -166,14 +197,13 @@ def position_propensities(
     ``theta[-1]`` beyond it. ``relevance_prior``: see ``fit_position_propensities`` (for logs
     where items are seen only a few times each).
     """
-    if "click" not in dataset._labels:
-        raise ValueError("position_propensities needs a 'click' label")
+    signal = require_click_signal(dataset.spec, "position_propensities")
     exposed = dataset._exposed
     lengths = np.diff(exposed.offsets)
     n_req = len(lengths)
     request = np.repeat(np.arange(n_req), lengths)
     position = np.arange(len(exposed.values)) - np.repeat(exposed.offsets[:-1], lengths)
-    clicks = dataset._labels["click"].values.astype(np.float64)
+    clicks = dataset._labels[signal].values.astype(np.float64)
     wanted = np.ones(n_req, dtype=bool)
     if split is not None:
         wanted = dataset.table.column("split").to_numpy(zero_copy_only=False) == split
@@ -199,20 +229,30 @@ def offline_metrics(
     """AUC, GAUC, LogLoss (click at logged positions); NDCG@k, Recall@k; list gain@m;
     clicks@k of the decoded list and, given ``propensities`` (theta, e.g. from
     :func:`position_propensities` on the training split), ips_clicks@k and
-    ips_clicks_ratio@k."""
-    clicks = p.labels["click"]
+    ips_clicks_ratio@k.
+
+    "Click" is ``p.click_signal`` (``click``, or e.g. ``purchase`` in a log without clicks); the
+    click metrics are left out when the data set has none. Gains use ``p.gain_weights``."""
     metrics: dict[str, float] = {}
-    has_both = 0 < clicks[p.position_mask].sum() < p.position_mask.sum()
-    metrics["auc"] = auc(p.click_prob, clicks, p.position_mask) if has_both else float("nan")
-    metrics["gauc"] = float(gauc(p.click_prob, clicks, p.position_mask))
-    metrics["logloss"] = logloss(p.click_prob, clicks, p.position_mask)
-    weights = {s: w for s, w in DEFAULT_GAIN_WEIGHTS.items() if s in p.labels}
-    item_gain = sum(w * p.labels[s] for s, w in weights.items())
+    signal = p.click_signal if p.click_signal in p.labels else None
+    clicks = p.labels[signal] if signal is not None else None
+    if clicks is not None:
+        has_both = 0 < clicks[p.position_mask].sum() < p.position_mask.sum()
+        metrics["auc"] = auc(p.click_prob, clicks, p.position_mask) if has_both \
+            else float("nan")
+        metrics["gauc"] = float(gauc(p.click_prob, clicks, p.position_mask))
+        metrics["logloss"] = logloss(p.click_prob, clicks, p.position_mask)
+    given = p.gain_weights if p.gain_weights is not None else DEFAULT_GAIN_WEIGHTS
+    weights = {s: float(w) for s, w in given.items() if s in p.labels}
+    item_gain = sum((w * p.labels[s] for s, w in weights.items()),
+                    np.zeros(p.position_mask.shape))
     cand_gain = _per_candidate(p, item_gain)
-    cand_click = _per_candidate(p, clicks)
+    cand_click = _per_candidate(p, clicks) if clicks is not None else None
     scores = np.where(p.candidate_mask, p.candidate_scores, 0.0)
     for k in ks:
         metrics[f"ndcg@{k}"] = float(ndcg_at_k(scores, cand_gain, p.candidate_mask, k))
+        if clicks is None:
+            continue
         metrics[f"recall@{k}"] = float(recall_at_k(scores, cand_click, p.candidate_mask, k))
         metrics[f"clicks@{k}"] = float(
             list_clicks_at_k(p.lists, p.exposed, clicks, p.position_mask, k)

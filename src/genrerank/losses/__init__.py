@@ -6,6 +6,9 @@
     )
     total, components = objective(model_output, batch)
 
+Training first fills in what the data set decides (:func:`resolve_loss_config`: its gain weights,
+its click signal) where the configuration leaves it out, so one config serves any signals.
+
 Every loss is a :class:`Loss` (``forward(out: ModelOutput, batch: Batch) -> scalar``)
 registered in :data:`LOSSES` by ``@register_loss("name")``; its constructor keyword arguments
 are its configuration parameters.
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from genrerank.data.dataset import Batch
+from genrerank.data.schema import FeatureSpec
 
 # Importing the loss modules runs their @register_loss decorators (fills LOSSES).
 from genrerank.losses import (  # noqa: F401
@@ -65,6 +69,7 @@ __all__ = [
     "build_objective",
     "list_utility",
     "register_loss",
+    "resolve_loss_config",
     "utility_threshold",
 ]
 
@@ -95,6 +100,24 @@ def build_loss(name: str, **params: Any) -> Loss:
     if unknown and not var_kw:
         raise TypeError(f"loss {name!r} got unknown parameter(s) {unknown}; it accepts {accepted}")
     return cls(**params)
+
+
+def resolve_loss_config(
+    spec: Sequence[Mapping[str, Any]] | Mapping[str, Any], data_spec: FeatureSpec
+) -> list[dict[str, Any]]:
+    """The loss terms of a configuration (as :func:`build_objective` takes them) with what the
+    data set decides filled in (``Loss.resolve_params``): gain weights from
+    ``data_spec.gain_weights`` (else the library defaults for built-in signals, else 0), the
+    click signal. A term that needs a signal the data set lacks raises a one-line ValueError
+    naming the signals it has. Unknown loss names are left to :func:`build_objective`."""
+    items = [spec] if isinstance(spec, Mapping) else list(spec)
+    out = []
+    for item in items:
+        term = dict(item) if isinstance(item, Mapping) else item
+        if isinstance(term, dict) and term.get("name") in LOSSES:
+            term = LOSSES[term["name"]].resolve_params(term, data_spec)
+        out.append(term)
+    return out
 
 
 class CompositeLoss(nn.Module):

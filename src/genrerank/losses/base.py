@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from genrerank.data.dataset import Batch
+from genrerank.data.schema import FeatureSpec
+from genrerank.data.signals import describe_signals, gain_weights
 from genrerank.metrics.ranking import DEFAULT_GAIN_WEIGHTS
 
 __all__ = [
@@ -90,6 +92,27 @@ class Loss(nn.Module):
     def forward(self, out: ModelOutput, batch: Batch) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def resolve_params(cls, params: dict[str, Any], spec: FeatureSpec) -> dict[str, Any]:
+        """The configuration ``params`` with what the data set decides filled in where the
+        config leaves it out (gain weights, the click signal: :mod:`genrerank.data.signals`);
+        a one-line ValueError when the data set lacks a signal the loss needs. Default: as is."""
+        return params
+
+    @classmethod
+    def _resolve_gain_weights(cls, params: dict[str, Any], spec: FeatureSpec) -> dict[str, Any]:
+        """For losses reading the list gain: ``weights`` default to the data set's gain weights,
+        and at least one signal of the data set must weigh above 0."""
+        if params.get("weights") is None:
+            params = {**params, "weights": gain_weights(spec)}
+        if not any(float(params["weights"].get(s, 0.0)) > 0 for s in spec.labels):
+            raise ValueError(
+                f"loss {cls.name!r} needs a signal with a gain weight above 0 (set "
+                f"gain_weights in the feature spec or the loss's weights) but the data set has "
+                f"{describe_signals(spec)}"
+            )
+        return params
+
     @staticmethod
     def require(out: ModelOutput, field: str, loss_name: str) -> torch.Tensor:
         """``getattr(out, field)``, with a clear error when the model does not produce it."""
@@ -150,9 +173,11 @@ def list_utility(
     """List gain R ``[B]`` of the logged lists, in torch (same formula as ``metrics.list_gain``).
 
     R = sum over valid positions j (0-based) of ``sum_s weights[s] * labels[s][:, j]``, times
-    ``1 / log2(j + 2)`` when ``discount``. Signals in ``batch.labels`` without a weight (e.g.
-    watch_time) are ignored; weights for signals the source lacks contribute nothing. Rows
-    without a valid position get R = 0. No gradient flows (labels are data).
+    ``1 / log2(j + 2)`` when ``discount``. ``weights`` default to the library's for the built-in
+    signals; training passes the data set's (:func:`genrerank.data.signals.gain_weights`).
+    Signals in ``batch.labels`` without a weight (e.g. watch_time) are ignored; weights for
+    signals the source lacks contribute nothing. Rows without a valid position get R = 0. No
+    gradient flows (labels are data).
     """
     mask = batch.position_mask
     m = mask.shape[1]

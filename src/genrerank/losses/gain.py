@@ -4,21 +4,25 @@ Likelihood and unlikelihood give one list-level label to every item of a logged 
 generator trained on them learns to imitate the logging policy (NAR4Rec's lists overlapped the
 upstream top 6 by 86 %). Here the raw score ``logits[b, exposed_j, j]`` of the item shown at
 position j is a logit of that item's normalised gain
-``g_j = sum_s w_s y_s,j / sum_s w_s`` (click 1.0, like 1.5, long view 0.8; the signals the
-source has), fitted with a soft-target binary cross-entropy. The score then estimates how much
-the item is worth at that position (and, for an autoregressive model, after the logged items
-above it), which is what a decoder should maximise; the column softmax of the same scores is
-still the model's distribution over candidates for sampling and beam search.
+``g_j = sum_s w_s y_s,j / sum_s w_s`` (the data set's gain weights,
+:func:`genrerank.data.signals.gain_weights`: ``spec.gain_weights``, else click 1.0, like 1.5,
+long view 0.8; the signals the source has), fitted with a soft-target binary cross-entropy.
+The score then estimates how much the item is worth at that position (and, for an
+autoregressive model, after the logged items above it), which is what a decoder should
+maximise; the column softmax of the same scores is still the model's distribution over
+candidates for sampling and beam search.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from genrerank.data.dataset import Batch
+from genrerank.data.schema import FeatureSpec
 from genrerank.losses.base import Loss, ModelOutput, register_loss, valid_count
 from genrerank.metrics.ranking import DEFAULT_GAIN_WEIGHTS
 
@@ -31,7 +35,7 @@ def slot_gain(batch: Batch, weights: Mapping[str, float]) -> torch.Tensor:
     if not present:
         raise ValueError(
             f"gain_bce: the batch has none of the gain signals {sorted(weights)} "
-            f"(it has {sorted(batch.labels)})"
+            f"(it has {sorted(batch.labels)}); give the signals gain_weights in the feature spec"
         )
     gain = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     for signal, weight in present.items():
@@ -44,8 +48,13 @@ class GainBCELoss(Loss):
     """Mean over valid positions of ``BCE(logits[b, exposed_j, j], g_j)`` (soft target g_j).
 
     Args:
-        weights: signal -> gain weight (default: click 1.0, like 1.5, long view 0.8).
+        weights: signal -> gain weight (default: click 1.0, like 1.5, long view 0.8; training
+            fills in the data set's gain weights, see :meth:`resolve_params`).
     """
+
+    @classmethod
+    def resolve_params(cls, params: dict[str, Any], spec: FeatureSpec) -> dict[str, Any]:
+        return cls._resolve_gain_weights(params, spec)
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         super().__init__()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from genrerank.data.dataset import Batch
+from genrerank.data.schema import FeatureSpec
 from genrerank.losses.base import (
     Loss,
     ModelOutput,
@@ -42,8 +44,13 @@ class UnlikelihoodLoss(Loss):
             (``loss.tau = utility_threshold(...)``, done once by the trainer).
         ul_weight: weight of the unlikelihood terms relative to the likelihood terms.
         eps: floor on 1 - p, bounding each unlikelihood term at -log(eps) (~11.5).
-        weights, discount: the list utility R (see ``list_utility``).
+        weights, discount: the list utility R (see ``list_utility``); training fills in the
+            data set's gain weights when ``weights`` is left out (:meth:`resolve_params`).
     """
+
+    @classmethod
+    def resolve_params(cls, params: dict[str, Any], spec: FeatureSpec) -> dict[str, Any]:
+        return cls._resolve_gain_weights(params, spec)
 
     def __init__(
         self,

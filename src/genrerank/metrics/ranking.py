@@ -42,7 +42,9 @@ __all__ = [
     "recall_at_k",
 ]
 
-#: Default per-signal weights of :func:`list_gain`.
+#: Default per-signal weights of :func:`list_gain`, for the built-in signals. A data set's
+#: ``spec.gain_weights`` overrides them, and other signals weigh 0 unless given a weight there
+#: (:func:`genrerank.data.signals.gain_weights`, what evaluation and training use).
 DEFAULT_GAIN_WEIGHTS: Mapping[str, float] = {"click": 1.0, "like": 1.5, "long_view": 0.8}
 
 

@@ -22,9 +22,10 @@ Reading order:
    better on validation (20,000 simulated kuaishou requests, seed 1; validation loss 0.5791 vs.
    0.5788 causal, within-request Spearman with the oracle's gain 0.633 vs. 0.633, undiscounted
    0.630 vs. 0.642), so the prior wins.
-4. One logit head per label signal that has a gain weight (:data:`DEFAULT_GAIN_WEIGHTS`) and is
-   in the data: ``logit_s[b, j]`` of P(signal s at position j | the list so far). Labels are
-   zero where the user never reached a position, so the prediction includes scroll depth.
+4. One logit head per binary signal of the data with a gain weight above 0
+   (:func:`genrerank.data.signals.gain_weights`: ``spec.gain_weights``, else the defaults):
+   ``logit_s[b, j]`` of P(signal s at position j | the list so far). Labels are zero where the
+   user never reached a position, so the prediction includes scroll depth.
 
 A list's score is the discounted expected gain
 ``sum_j sum_s w_s sigmoid(logit_s,j) / log2(j + 2)`` (the formula of
@@ -48,8 +49,8 @@ from torch import nn
 
 from genrerank.data.dataset import Batch
 from genrerank.data.schema import FeatureSpec
+from genrerank.data.signals import DEFAULT_GAIN_WEIGHTS, describe_signals, gain_weights
 from genrerank.losses.base import ListScoreOutput
-from genrerank.metrics.ranking import DEFAULT_GAIN_WEIGHTS
 from genrerank.models.base import RerankModel, register_model
 from genrerank.modules.features import FeatureEmbedding
 
@@ -99,13 +100,18 @@ class ListEvaluator(RerankModel):
         d = config.dim
         if d % config.heads:
             raise ValueError(f"evaluator: dim {d} is not divisible by heads {config.heads}")
-        self.signals = [s for s in DEFAULT_GAIN_WEIGHTS if s in spec.labels]
+        weights = gain_weights(spec)
+        # Built-ins first, in their historical order: the head's columns follow self.signals.
+        ordered = [*(s for s in DEFAULT_GAIN_WEIGHTS if s in weights),
+                   *(s for s in weights if s not in DEFAULT_GAIN_WEIGHTS)]
+        self.signals = [s for s in ordered
+                        if weights[s] > 0 and spec.label_kind(s) == "binary"]
         if not self.signals:
             raise ValueError(
-                f"evaluator: the data has none of the gain signals {sorted(DEFAULT_GAIN_WEIGHTS)} "
-                f"(it has {list(spec.labels)})"
+                "evaluator: needs a binary signal with a gain weight above 0 (spec.gain_weights "
+                f"or a built-in default) but the data set has {describe_signals(spec)}"
             )
-        self.gain_weights = {s: float(DEFAULT_GAIN_WEIGHTS[s]) for s in self.signals}
+        self.gain_weights = {s: weights[s] for s in self.signals}
         self.max_positions = config.max_positions or max(spec.max_list_length, 1)
         # The evaluator standardises its dense inputs itself (running statistics, _standardize),
         # so the shared embedding must not do it a second time.
@@ -117,6 +123,9 @@ class ListEvaluator(RerankModel):
             if config.standardize else None
         self.user_norm = nn.BatchNorm1d(len(spec.user_dense), affine=False) \
             if config.standardize and spec.user_dense else None
+        # Request context dense features, standardized like the user's (only when embedded).
+        self.context_norm = nn.BatchNorm1d(len(spec.context_dense), affine=False) \
+            if config.standardize and self.features.context_dense is not None else None
         self.positions = nn.Embedding(self.max_positions, d)
         nn.init.normal_(self.positions.weight, std=0.02)
         layer = nn.TransformerEncoderLayer(d, config.heads, d * config.ff_mult, config.dropout,
@@ -148,17 +157,22 @@ class ListEvaluator(RerankModel):
         user = batch.user_dense
         if self.user_norm is not None:
             user = self._norm(self.user_norm, user)
+        context = batch.context_dense
+        if self.context_norm is not None:
+            context = self._norm(self.context_norm, context)
         if batch.item_static is not None:
             if self.training:
                 raise ValueError("evaluator: precomputed item embeddings are for inference only")
             upstream = self._running(batch.upstream_score, -1)
-            return dataclasses.replace(batch, upstream_score=upstream, user_dense=user)
+            return dataclasses.replace(batch, upstream_score=upstream, user_dense=user,
+                                       context_dense=context)
         mask = batch.candidate_mask
         dense = torch.cat([batch.item_dense, batch.upstream_score.unsqueeze(-1)], dim=-1)
         normed = torch.zeros_like(dense)
         normed[mask] = self._norm(self.item_norm, dense[mask])
         return dataclasses.replace(batch, item_dense=normed[..., :-1],
-                                   upstream_score=normed[..., -1], user_dense=user)
+                                   upstream_score=normed[..., -1], user_dense=user,
+                                   context_dense=context)
 
     def _running(self, x: torch.Tensor, columns: slice | int) -> torch.Tensor:
         """``x`` standardized with the running statistics of the item ``columns``."""

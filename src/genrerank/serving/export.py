@@ -8,8 +8,10 @@ Serving splits every model in two graphs, so that the item side can be cached
     request-independent part of each candidate's token (:meth:`RerankModel.item_embedding`).
 
 ``model.onnx`` (generators that write a matrix: nar4rec, pointwise, prm, logging)
-    ``user_cat [B, Fuc], user_dense [B, Fud], item_static [B, N, d], upstream_score [B, N],
-    candidate_mask [B, N] bool, position_mask [B, M] bool -> log_probs [B, N, M],
+    ``user_cat [B, Fuc], user_dense [B, Fud], context_cat [B, Fcc], context_dense [B, Fcd]``
+    (request context: query, device, page type; width 0 when the spec has none), ``item_static
+    [B, N, d], upstream_score [B, N], candidate_mask [B, N] bool, category [B, N],
+    position_mask [B, M] bool -> log_probs [B, N, M],
     click_logits [B, N, M], item_repr [B, N, d]``; lists are decoded outside the graph with the
     run's decoder (:mod:`genrerank.decoding`), as in PyTorch.
 
@@ -198,9 +200,11 @@ def make_batch(
     position_mask: torch.Tensor | None = None, *, item_cat: torch.Tensor | None = None,
     item_dense: torch.Tensor | None = None, category: torch.Tensor | None = None,
     creator: torch.Tensor | None = None, item_hash: torch.Tensor | None = None,
+    context_cat: torch.Tensor | None = None, context_dense: torch.Tensor | None = None,
 ) -> Batch:
     """A Batch for inference (no labels, nothing logged), from precomputed item embeddings
-    ``item_static`` or from the raw ``item_cat`` / ``item_dense``."""
+    ``item_static`` or from the raw ``item_cat`` / ``item_dense``. ``context_cat`` /
+    ``context_dense`` (request context) default to no such features (width 0)."""
     b, n = upstream_score.shape
     zeros = torch.zeros_like(candidate_mask, dtype=torch.long)
     if position_mask is None:
@@ -211,6 +215,8 @@ def make_batch(
         request_index=zeros[:, 0],
         user_cat=user_cat,
         user_dense=user_dense,
+        context_cat=zeros.new_zeros(b, 0) if context_cat is None else context_cat,
+        context_dense=user_dense.new_zeros(b, 0) if context_dense is None else context_dense,
         # Empty when item_static is set: it is not read then, so nothing can depend on them.
         item_cat=zeros.new_zeros(b, n, 0) if item_cat is None else item_cat,
         item_dense=upstream_score.new_zeros(b, n, 0) if item_dense is None else item_dense,
@@ -252,6 +258,9 @@ def synthetic_requests(
         "candidate_mask": cand_mask,
         "category": torch.randint(0, max(spec.n_categories, 1), (b, n), generator=g) * cand_mask,
         "position_mask": torch.ones(b, m, dtype=torch.bool),
+        # Drawn last, so the other inputs of a spec without context features are unchanged.
+        "context_cat": cats(spec.context_categorical, (b,)),
+        "context_dense": torch.randn(b, len(spec.context_dense), generator=g),
     }
 
 
@@ -274,11 +283,13 @@ class MatrixGraph(nn.Module):
         self.model = model
 
     def forward(self, user_cat: torch.Tensor, user_dense: torch.Tensor,
+                context_cat: torch.Tensor, context_dense: torch.Tensor,
                 item_static: torch.Tensor, upstream_score: torch.Tensor,
                 candidate_mask: torch.Tensor, category: torch.Tensor, position_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask,
-                           position_mask, category=category)
+                           position_mask, category=category, context_cat=context_cat,
+                           context_dense=context_dense)
         out = self.model(batch)
         return out.log_probs, out.click_logits, out.item_repr
 
@@ -291,6 +302,7 @@ class EvaluatorGraph(nn.Module):
         self.model = model
 
     def forward(self, user_cat: torch.Tensor, user_dense: torch.Tensor,
+                context_cat: torch.Tensor, context_dense: torch.Tensor,
                 item_static: torch.Tensor, upstream_score: torch.Tensor,
                 candidate_mask: torch.Tensor, category: torch.Tensor, lists: torch.Tensor
                 ) -> torch.Tensor:
@@ -298,7 +310,8 @@ class EvaluatorGraph(nn.Module):
 
         ev = self.model
         batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask,
-                           category=category)
+                           category=category, context_cat=context_cat,
+                           context_dense=context_dense)
         b, k, m = lists.shape
         compact, filled, _ = compact_lists(lists.reshape(b * k, m))
         tokens = ev._tokens(batch)
@@ -320,11 +333,13 @@ class AREncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, user_cat: torch.Tensor, user_dense: torch.Tensor,
+                context_cat: torch.Tensor, context_dense: torch.Tensor,
                 item_static: torch.Tensor, upstream_score: torch.Tensor,
                 candidate_mask: torch.Tensor, category: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ar = self.model
         batch = make_batch(user_cat, user_dense, item_static, upstream_score, candidate_mask,
-                           category=category)
+                           category=category, context_cat=context_cat,
+                           context_dense=context_dense)
         x = ar.encode(batch)
         memory_kv = [layer.memory_kv(x) for layer in ar.layers]
         keys = ar.pointer_key(x)
@@ -399,10 +414,11 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
     program.save(str(path))
 
 
-REQUEST_INPUTS = ["user_cat", "user_dense", "item_static", "upstream_score", "candidate_mask",
-                  "category"]
+REQUEST_INPUTS = ["user_cat", "user_dense", "context_cat", "context_dense", "item_static",
+                  "upstream_score", "candidate_mask", "category"]
 REQUEST_AXES = {
     "user_cat": {0: "batch"}, "user_dense": {0: "batch"},
+    "context_cat": {0: "batch"}, "context_dense": {0: "batch"},
     "item_static": {0: "batch", 1: "n"}, "upstream_score": {0: "batch", 1: "n"},
     "candidate_mask": {0: "batch", 1: "n"}, "category": {0: "batch", 1: "n"},
 }
@@ -411,8 +427,8 @@ REQUEST_AXES = {
 def _request_args(model: RerankModel, req: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         static = model.item_embedding(req["item_cat"], req["item_dense"], req["item_hash"])
-    return (req["user_cat"], req["user_dense"], static, req["upstream_score"],
-            req["candidate_mask"], req["category"])
+    return (req["user_cat"], req["user_dense"], req["context_cat"], req["context_dense"],
+            static, req["upstream_score"], req["candidate_mask"], req["category"])
 
 
 def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tensor]
@@ -453,7 +469,8 @@ def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tenso
         # A second step (past length 1) first, so the example's cache length is not 1: a
         # dimension of size 1 would be specialised by the exporter.
         step = ARStepGraph(model)
-        mask, category = args[4], args[5]
+        mask = args[REQUEST_INPUTS.index("candidate_mask")]
+        category = args[REQUEST_INPUTS.index("category")]
         chosen = torch.zeros_like(mask)
         chosen[torch.arange(len(previous)), previous] = True
         context = torch.zeros(mask.shape)

@@ -65,8 +65,11 @@ class OnnxModel:
             g: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             for g, path in files.items()
         }
+        # Feeds are cut to each graph's inputs: an export made before the request context
+        # inputs existed (or one whose exporter dropped an input nothing reads) lacks them.
+        self.inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
         if self.stepwise:
-            self.step_inputs = [i.name for i in self.sessions["step"].get_inputs()]
+            self.step_inputs = self.inputs["step"]
             self.n_layers = sum(1 for n in self.step_inputs if n.startswith("past_key_"))
 
     # ------------------------------------------------------------------ graphs
@@ -90,36 +93,49 @@ class OnnxModel:
     @staticmethod
     def request_feeds(user_cat: np.ndarray, user_dense: np.ndarray, item_static: np.ndarray,
                       upstream_score: np.ndarray, candidate_mask: np.ndarray,
-                      category: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                      category: np.ndarray | None = None, *,
+                      context_cat: np.ndarray | None = None,
+                      context_dense: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Inputs of the per-request graphs; ``category`` (each candidate's category, for the
-        user-history affinity feature) defaults to 0 = unknown."""
+        user-history affinity feature) defaults to 0 = unknown; ``context_cat [B, Fcc]`` /
+        ``context_dense [B, Fcd]`` (request context) default to none (width 0)."""
+        b = np.shape(upstream_score)[0]
         if category is None:
             category = np.zeros(np.shape(upstream_score), dtype=np.int64)
+        if context_cat is None:
+            context_cat = np.zeros((b, 0), dtype=np.int64)
+        if context_dense is None:
+            context_dense = np.zeros((b, 0), dtype=np.float32)
         return {
             "category": np.ascontiguousarray(category, dtype=np.int64),
             "user_cat": np.ascontiguousarray(user_cat, dtype=np.int64),
             "user_dense": np.ascontiguousarray(user_dense, dtype=np.float32),
+            "context_cat": np.ascontiguousarray(context_cat, dtype=np.int64),
+            "context_dense": np.ascontiguousarray(context_dense, dtype=np.float32),
             "item_static": np.ascontiguousarray(item_static, dtype=np.float32),
             "upstream_score": np.ascontiguousarray(upstream_score, dtype=np.float32),
             "candidate_mask": np.ascontiguousarray(candidate_mask, dtype=np.bool_),
         }
 
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        wanted = self.inputs[graph]  # a missing input is left for ONNX Runtime to name
+        return self.sessions[graph].run(None, {k: v for k, v in feeds.items() if k in wanted})
+
     def matrix(self, feeds: dict[str, np.ndarray], m: int) -> list[np.ndarray]:
         """``log_probs, click_logits, item_repr`` of a matrix model for lists of length m."""
         b = feeds["upstream_score"].shape[0]
-        return self.sessions["model"].run(
-            None, {**feeds, "position_mask": np.ones((b, m), dtype=np.bool_)})
+        return self._run("model", {**feeds, "position_mask": np.ones((b, m), dtype=np.bool_)})
 
     def score_lists(self, feeds: dict[str, np.ndarray], lists: np.ndarray) -> np.ndarray:
         """The evaluator's scores ``[B, K]`` of ``lists [B, K, m]`` (-1 = empty slot)."""
-        return self.sessions["model"].run(
-            None, {**feeds, "lists": np.ascontiguousarray(lists, dtype=np.int64)})[0]
+        return self._run(
+            "model", {**feeds, "lists": np.ascontiguousarray(lists, dtype=np.int64)})[0]
 
     # ------------------------------------------------------------------ autoregressive
 
     def _start(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray,
                                                              list[np.ndarray]]:
-        out = self.sessions["encoder"].run(None, feeds)
+        out = self._run("encoder", feeds)
         k = 2 * self.n_layers
         mask = feeds["candidate_mask"]
         # The list-context term starts at 0 (nothing shown yet); the step graph updates it.

@@ -51,11 +51,13 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
                                       req["item_dense"][mask].numpy(),
                                       req["item_hash"][mask].numpy())
     diffs["item_static"] = _finite_max_diff(onnx_static, static[mask].numpy())
+    context = {"context_cat": req["context_cat"], "context_dense": req["context_dense"]}
     feeds = OnnxModel.request_feeds(req["user_cat"].numpy(), req["user_dense"].numpy(),
                                     static.numpy(), req["upstream_score"].numpy(), mask.numpy(),
-                                    req["category"].numpy())
+                                    req["category"].numpy(),
+                                    **{k: v.numpy() for k, v in context.items()})
     batch = make_batch(req["user_cat"], req["user_dense"], static, req["upstream_score"], mask,
-                       req["position_mask"], category=req["category"])
+                       req["position_mask"], category=req["category"], **context)
     lists_identical = True
     with torch.inference_mode():
         if model.kind == "evaluator":
@@ -71,7 +73,7 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
             # Log-probabilities of the same choices under teacher forcing in PyTorch.
             forced = make_batch(req["user_cat"], req["user_dense"], static,
                                 req["upstream_score"], mask, ref_lists >= 0,
-                                category=req["category"])
+                                category=req["category"], **context)
             forced.exposed = ref_lists.clamp_min(0)
             lp = model(forced).log_probs
             ref_lp = lp.gather(1, forced.exposed.unsqueeze(1)).squeeze(1)
@@ -106,7 +108,7 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
         raw = make_batch(req["user_cat"], req["user_dense"], None, req["upstream_score"], mask,
                          req["position_mask"], item_cat=req["item_cat"],
                          item_dense=req["item_dense"], category=req["category"],
-                         item_hash=req["item_hash"])
+                         item_hash=req["item_hash"], **context)
         if model.kind != "evaluator" and not model.stepwise:
             diffs["raw_vs_cached_log_probs"] = _finite_max_diff(
                 model(raw).log_probs.numpy(), model(batch).log_probs.numpy())

@@ -102,7 +102,7 @@ class TorchBackend:
         batch = make_batch(_t(inp.user_cat)[None], _t(inp.user_dense)[None], _t(static)[None],
                            _t(inp.upstream_score)[None], mask,
                            torch.ones(1, inp.m, dtype=torch.bool),
-                           category=_t(inp.category)[None])
+                           category=_t(inp.category)[None], **_context(inp))
         model = self.model
         if model.stepwise:
             out = model.generate(batch, inp.m, self.decoder, **self.decoder_params)
@@ -156,7 +156,9 @@ class OnnxBackend:
         start = time.perf_counter()
         mask = np.ones((1, inp.n), dtype=np.bool_)
         feeds = self.onnx.request_feeds(inp.user_cat[None], inp.user_dense[None], static[None],
-                                        inp.upstream_score[None], mask, inp.category[None])
+                                        inp.upstream_score[None], mask, inp.category[None],
+                                        context_cat=inp.context_cat[None],
+                                        context_dense=inp.context_dense[None])
         if self.onnx.stepwise:
             if self.decoder == "beam":
                 lists, lp = self.onnx.beam(feeds, inp.m,
@@ -290,8 +292,13 @@ def raw_batch(inp: RerankInput) -> Batch:
         torch.ones(1, inp.n, dtype=torch.bool), torch.ones(1, inp.m, dtype=torch.bool),
         item_cat=_t(inp.item_cat)[None], item_dense=_t(inp.item_dense)[None],
         category=_t(inp.category)[None], creator=_t(inp.creator)[None],
-        item_hash=_t(hash_item_ids(inp.item_ids))[None],
+        item_hash=_t(hash_item_ids(inp.item_ids))[None], **_context(inp),
     )
+
+
+def _context(inp: RerankInput) -> dict[str, torch.Tensor]:
+    """The request context of ``inp`` as make_batch's keyword arguments (batch of one)."""
+    return {"context_cat": _t(inp.context_cat)[None], "context_dense": _t(inp.context_dense)[None]}
 
 
 def load_reranker(run_dir: str | Path | None = None, onnx_dir: str | Path | None = None, *,

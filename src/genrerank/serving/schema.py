@@ -12,6 +12,10 @@ parsing 60-500 nested objects per request costs more than the model call::
         "cat":   {"<user categorical>": 3, ...},      # int in [0, vocab_size), 0 = unknown
         "dense": {"<user dense>": 0.25, ...}          # finite number
       },
+      "context": {                             # request context (query, device, page type);
+        "cat":   {"<context categorical>": 2, ...},   # same rules as "user"; may be omitted
+        "dense": {"<context dense>": 1.5, ...}        # when the spec has no context features
+      },
       "candidates": {
         "ids": ["item-1", "item-2", ...],             # n unique, non-empty strings (1)
         "upstream_score": [0.9, 0.7, ...],            # n finite numbers
@@ -108,6 +112,19 @@ class UserFeatures(BaseModel):
     )
 
 
+class ContextFeatures(BaseModel):
+    """Request context (query, device, page type): one value per request, like user features."""
+
+    model_config = _FORBID
+
+    cat: dict[str, Index] = Field(
+        default_factory=dict, description="context categorical features: name -> index"
+    )
+    dense: dict[str, Number] = Field(
+        default_factory=dict, description="context dense features: name -> value"
+    )
+
+
 class Candidates(BaseModel):
     """Columnar candidates: every list has one entry per id, in the same order."""
 
@@ -139,6 +156,7 @@ class RerankRequest(BaseModel):
                 {
                     "request_id": "req-1",
                     "user": {"cat": {"activity_level": 2}, "dense": {"hist_activity": 0.3}},
+                    "context": {"cat": {"device": 1}, "dense": {"query_length": 2.0}},
                     "candidates": {
                         "ids": ["a", "b", "c"],
                         "upstream_score": [0.9, 0.5, 0.4],
@@ -157,6 +175,11 @@ class RerankRequest(BaseModel):
     request_id: StrictStr | None = Field(default=None, description="echoed in the response")
     user: UserFeatures | None = Field(
         default=None, description="may be omitted when the model has no user features"
+    )
+    context: ContextFeatures | None = Field(
+        default=None,
+        description="request context (query, device, page type); may be omitted when the "
+        "model has no context features",
     )
     candidates: Candidates
     m: StrictInt = Field(description="list length to serve, 1 <= m <= number of candidates")
@@ -320,6 +343,11 @@ class RequestValidator:
             [f.vocab_size for f in spec.user_categorical], dtype=np.int64
         )
         self._user_dense = list(spec.user_dense)
+        self._context_cat_names = [f.name for f in spec.context_categorical]
+        self._context_cat_vocab = np.array(
+            [f.vocab_size for f in spec.context_categorical], dtype=np.int64
+        )
+        self._context_dense = list(spec.context_dense)
         self._item_cat_names = [f.name for f in spec.item_categorical]
         self._item_cat_paths = [f"candidates.cat.{name}" for name in self._item_cat_names]
         self._item_cat_vocab = [int(f.vocab_size) for f in spec.item_categorical]
@@ -330,14 +358,20 @@ class RequestValidator:
         # The on-disk format bounds category / creator by the spec (1 = only "unknown").
         self._n_categories = max(1, int(spec.n_categories))
         self._n_creators = max(1, int(spec.n_creators))
-        # Per kind: (path prefix, kind, accepted names, names of the other kind, the other's path).
+        # Per kind: (path prefix, kind, accepted names, [(names of a kind a client may confuse
+        # it with, that kind's path)]): user and request context are easily mixed up.
         ucat, uden = self._user_cat_names, self._user_dense
+        ccat, cden = self._context_cat_names, self._context_dense
         icat, iden = self._item_cat_names, self._item_dense
+        user = [(ucat, "user.cat"), (uden, "user.dense")]
+        context = [(ccat, "context.cat"), (cden, "context.dense")]
         self._name_checks = (
-            ("user.cat", "user categorical", ucat, uden, "user.dense"),
-            ("user.dense", "user dense", uden, ucat, "user.cat"),
-            ("candidates.cat", "item categorical", icat, iden, "candidates.dense"),
-            ("candidates.dense", "item dense", iden, icat, "candidates.cat"),
+            ("user.cat", "user categorical", ucat, [user[1], *context]),
+            ("user.dense", "user dense", uden, [user[0], *context]),
+            ("context.cat", "context categorical", ccat, [context[1], *user]),
+            ("context.dense", "context dense", cden, [context[0], *user]),
+            ("candidates.cat", "item categorical", icat, [(iden, "candidates.dense")]),
+            ("candidates.dense", "item dense", iden, [(icat, "candidates.cat")]),
         )
 
     @classmethod
@@ -373,20 +407,24 @@ class RequestValidator:
     def to_input(self, req: RerankRequest) -> RerankInput:
         errors: list[FieldError] = []
         user = req.user if req.user is not None else UserFeatures()
+        context = req.context if req.context is not None else ContextFeatures()
         cands = req.candidates
         given = {
             "user.cat": user.cat,
             "user.dense": user.dense,
+            "context.cat": context.cat,
+            "context.dense": context.dense,
             "candidates.cat": cands.cat,
             "candidates.dense": cands.dense,
         }
-        for path, kind, names, other, other_path in self._name_checks:
+        for path, kind, names, others in self._name_checks:
             present = given[path]
             for name in present:
                 if name not in names:
+                    where = [other_path for other, other_path in others if name in other]
                     hint = (
-                        f" (it is declared under {other_path})"
-                        if name in other
+                        f" (it is declared under {where[0]})"
+                        if where
                         else f"; expected {sorted(names)}"
                     )
                     errors.append(FieldError(f"{path}.{name}", f"unknown {kind} feature{hint}"))
@@ -471,10 +509,21 @@ class RequestValidator:
         for j in np.flatnonzero(bad):
             name, vocab = self._user_cat_names[j], int(self._user_cat_vocab[j])
             errors.append(FieldError(f"user.cat.{name}", _vocab_message(int(user_cat[j]), vocab)))
+        context_cat = np.array(
+            [context.cat[name] for name in self._context_cat_names], dtype=np.int64
+        )
+        for j in np.flatnonzero(context_cat >= self._context_cat_vocab):
+            name, vocab = self._context_cat_names[j], int(self._context_cat_vocab[j])
+            errors.append(
+                FieldError(f"context.cat.{name}", _vocab_message(int(context_cat[j]), vocab))
+            )
 
         with np.errstate(over="ignore"):  # finite float64 above ~3.4e38 -> inf: caught below
             user_dense = np.array(
                 [user.dense[name] for name in self._user_dense], dtype=np.float64
+            ).astype(np.float32)
+            context_dense = np.array(
+                [context.dense[name] for name in self._context_dense], dtype=np.float64
             ).astype(np.float32)
             floats = np.array(
                 [cands.upstream_score, *(cands.dense[name] for name in self._item_dense)],
@@ -485,6 +534,11 @@ class RequestValidator:
         for j in np.flatnonzero(~(np.abs(user_dense) <= MAX_ABS_NUMBER)):
             name = self._user_dense[j]
             errors.append(FieldError(f"user.dense.{name}", _overflow_message(user.dense[name])))
+        for j in np.flatnonzero(~(np.abs(context_dense) <= MAX_ABS_NUMBER)):
+            name = self._context_dense[j]
+            errors.append(
+                FieldError(f"context.dense.{name}", _overflow_message(context.dense[name]))
+            )
         bad = ~(np.abs(floats) <= MAX_ABS_NUMBER)
         if bad.any():
             for r in np.flatnonzero(bad.any(axis=1)):
@@ -538,6 +592,8 @@ class RequestValidator:
             strategy=strategy,
             k=req.k,
             request_id=req.request_id,
+            context_cat=context_cat,
+            context_dense=context_dense,
         )
 
 
@@ -562,7 +618,7 @@ def _overflow_message(value: float) -> str:
 
 def synthetic_payload(spec: FeatureSpec, n: int, m: int = 1) -> dict[str, Any]:
     """A valid request of ``n`` made-up candidates (all features unknown / zero): warm-up."""
-    return {
+    payload: dict[str, Any] = {
         "request_id": "warmup",
         "user": {
             "cat": {f.name: 0 for f in spec.user_categorical},
@@ -576,6 +632,12 @@ def synthetic_payload(spec: FeatureSpec, n: int, m: int = 1) -> dict[str, Any]:
         },
         "m": m,
     }
+    if spec.context_categorical or spec.context_dense:  # else the body stays as it always was
+        payload["context"] = {
+            "cat": {f.name: 0 for f in spec.context_categorical},
+            "dense": {name: 0.0 for name in spec.context_dense},
+        }
+    return payload
 
 
 def payload_from_dataset(
@@ -596,6 +658,10 @@ def payload_from_dataset(
     item_dense = np.asarray(item["item_dense"], dtype=np.float32)
     user_cat = np.asarray(item["user_cat"]).tolist()
     user_dense = np.asarray(item["user_dense"], dtype=np.float32).astype(np.float64).tolist()
+    context_cat = np.asarray(item["context_cat"]).tolist()
+    context_dense = (
+        np.asarray(item["context_dense"], dtype=np.float32).astype(np.float64).tolist()
+    )
     payload: dict[str, Any] = {
         "request_id": str(dataset.request_ids[index]),
         "user": {
@@ -620,6 +686,16 @@ def payload_from_dataset(
         },
         "m": int(len(item["exposed"]) if m is None else m),
     }
+    if spec.context_categorical or spec.context_dense:  # else the body stays as it always was
+        payload["context"] = {
+            "cat": {
+                f.name: int(v)
+                for f, v in zip(spec.context_categorical, context_cat, strict=True)
+            },
+            "dense": {
+                name: float(v) for name, v in zip(spec.context_dense, context_dense, strict=True)
+            },
+        }
     if strategy is not None:
         payload["strategy"] = strategy
     if k is not None:

@@ -33,6 +33,10 @@ class RerankInput:
     strategy: str  # one of RerankService.strategies
     k: int | None = None  # lists to propose (pipeline strategy); None = its configured K
     request_id: str | None = None
+    #: Request context (query, device, page type), like user_cat / user_dense; empty when the
+    #: spec has none. Defaults keep inputs built without them valid for such specs.
+    context_cat: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    context_dense: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @property
     def n(self) -> int:

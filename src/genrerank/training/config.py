@@ -51,7 +51,7 @@ class TrainConfig:
     num_threads: int = 2  # torch.set_num_threads; fixed so CPU results are reproducible
     select_metric: str = "loss"  # validation metric for early stopping / best checkpoint
     select_mode: str = "min"  # "min" or "max"
-    progress: bool = True  # tqdm bar (only shown on a terminal)
+    progress: bool = True  # a bar on a terminal, periodic lines (rate, time left) in a log file
     # Loss terms with ``tau=None`` (unlikelihood) get tau = this quantile of the training
     # split's list utility R, computed once before training.
     tau_quantile: float = 0.5

@@ -34,7 +34,6 @@ import logging
 import math
 import random
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +44,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.training.checkpoint import (
@@ -61,6 +59,7 @@ from genrerank.training.checkpoint import (
 )
 from genrerank.training.config import TrainConfig
 from genrerank.utils.io import atomic_write_text
+from genrerank.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +320,6 @@ class Trainer:
 
     def _loop(self, optimizer: torch.optim.Optimizer, writer: Any) -> None:
         cfg, state = self.config, self.state
-        show = cfg.progress and sys.stderr.isatty()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         stop = cfg.patience > 0 and state.bad_evals >= cfg.patience
         if stop:
@@ -341,17 +339,19 @@ class Trainer:
                 # from the global torch RNG, which would shift dropout after a mid-epoch resume.
                 generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, state.epoch)),
             )
-            bar = tqdm(
+            # A bar on a terminal, plain lines with the time left in a log file.
+            bar = progress(
                 loader,
+                f"train epoch {state.epoch + 1}/{cfg.epochs}",
+                "steps",
+                enabled=cfg.progress,
                 total=self.steps_per_epoch,
                 initial=state.epoch_step,
-                desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-                disable=not show,
                 leave=False,
             )
             for batch in bar:
                 values = self._train_step(batch, optimizer, params, writer)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     stop = self._evaluate(optimizer, writer)
                     if stop:

@@ -17,8 +17,8 @@ from genrerank.data.schema import read_dataset
 def test_cli_import(tmp_path, files):
     out = tmp_path / "ds"
     result = CliRunner().invoke(main, [
-        "data", "import", str(files["long.csv"]), str(files["mapping.toml"]), "--out", str(out),
-        "--candidates", str(files["cand.csv"]),
+        "data", "import", "--input", str(files["long.csv"]), "--mapping",
+        str(files["mapping.toml"]), "--out", str(out), "--candidates", str(files["cand.csv"]),
     ])
     assert result.exit_code == 0, result.output
     assert "read 7 rows and 3 candidate rows" in result.output
@@ -28,14 +28,14 @@ def test_cli_import(tmp_path, files):
     assert read_dataset(out)[0].num_rows == 4
 
     # An existing folder needs --overwrite; a bad file is one line and exit code 1.
-    again = CliRunner().invoke(main, ["data", "import", str(files["long.csv"]),
-                                      str(files["mapping.toml"]), "--out", str(out)])
+    again = CliRunner().invoke(main, ["data", "import", "--input", str(files["long.csv"]),
+                                      "--mapping", str(files["mapping.toml"]), "--out", str(out)])
     assert again.exit_code == 1 and "--overwrite" in again.output
     bad = tmp_path / "bad.txt"
     bad.write_text(files["long.csv"].read_text().replace(",0.7,0,", ",0.7,7,"))
     result = CliRunner().invoke(main, [
-        "data", "import", str(bad), str(files["mapping.toml"]), "--out", str(tmp_path / "x"),
-        "--format", "csv",
+        "data", "import", "--input", str(bad), "--mapping", str(files["mapping.toml"]),
+        "--out", str(tmp_path / "x"), "--format", "csv",
     ])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -45,8 +45,9 @@ def test_cli_import(tmp_path, files):
 
 def test_cli_max_candidates(tmp_path, files):
     out = tmp_path / "ds"
-    args = ["data", "import", str(files["long.csv"]), str(files["mapping.toml"]), "--out",
-            str(out), "--candidates", str(files["cand.csv"]), "--max-candidates", "3"]
+    args = ["data", "import", "--input", str(files["long.csv"]), "--mapping",
+            str(files["mapping.toml"]), "--out", str(out), "--candidates", str(files["cand.csv"]),
+            "--max-candidates", "3"]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and "request_id 'r1' has 4 candidates" in refused.output
     result = CliRunner().invoke(main, [*args, "--drop-oversized"])

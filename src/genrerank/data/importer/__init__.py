@@ -1,7 +1,7 @@
 """Import your own impression logs: any impressions table + a TOML mapping -> a data set folder.
 
-``genrerank data import TABLE MAPPING --out DIR [--candidates TABLE2]``, or in Python
-:func:`import_table`, :func:`from_pandas`, :func:`from_arrow`.
+``genrerank data import --input TABLE --mapping MAPPING --out DIR [--candidates TABLE2]``, or in
+Python :func:`import_table`, :func:`from_pandas`, :func:`from_arrow`.
 
 TABLE is CSV, TSV or Parquet, a file or a folder of files (format from the extension or
 ``--format``), in one of two layouts:
@@ -117,20 +117,24 @@ def read_tables(
 
 def import_arrow(
     table: pa.Table, mapping: MappingLike, candidates: pa.Table | None = None,
-    name: str = "table",
+    name: str = "table", vocabularies: dict[str, list[Any]] | None = None,
 ) -> ImportResult:
-    """The data set of an Arrow impressions table, with its vocabularies and import report."""
+    """The data set of an Arrow impressions table, with its vocabularies and import report.
+
+    ``vocabularies`` (``vocabularies.json`` format) fixes categorical encodings instead of
+    fitting them on the training split; see :func:`~genrerank.data.importer.build.build`."""
     mp = load_mapping(mapping)
     shown = Frame.from_arrow(table, name)
     cand = None if candidates is None else Frame.from_arrow(candidates, f"{name} (candidates)")
-    return build(shown, mp, cand)
+    return build(shown, mp, cand, vocabularies)
 
 
 def from_arrow(
-    table: pa.Table, mapping: MappingLike, candidates: pa.Table | None = None
+    table: pa.Table, mapping: MappingLike, candidates: pa.Table | None = None,
+    vocabularies: dict[str, list[Any]] | None = None,
 ) -> tuple[pa.Table, FeatureSpec]:
     """The in-memory data set (then ``schema.write_dataset(out, table, spec)``)."""
-    result = import_arrow(table, mapping, candidates)
+    result = import_arrow(table, mapping, candidates, vocabularies=vocabularies)
     return result.table, result.spec
 
 
@@ -157,14 +161,17 @@ def import_table(
     max_candidates: int | None = None,
     drop_oversized: bool = False,
     allow_missing_splits: bool = False,
+    vocabularies: dict[str, list[Any]] | None = None,
 ) -> Path:
     """Read ``input`` (and ``candidates``), build the data set, write it to ``out_dir``.
 
     Requests with more than ``max_candidates`` candidates are an error naming the first, or are
     dropped with ``drop_oversized`` (counted in the report), as in ``data convert``. A data set
-    without train or valid requests is refused unless ``allow_missing_splits``."""
+    without train or valid requests is refused unless ``allow_missing_splits``. ``vocabularies``
+    (``vocabularies.json`` format, e.g. an earlier import's) fixes categorical encodings."""
     result = import_result(input, mapping, out_dir, overwrite, candidates, fmt=fmt,
-                           max_candidates=max_candidates, drop_oversized=drop_oversized)
+                           max_candidates=max_candidates, drop_oversized=drop_oversized,
+                           vocabularies=vocabularies)
     return result.write(out_dir, overwrite=overwrite, allow_missing_splits=allow_missing_splits)
 
 
@@ -178,6 +185,7 @@ def import_result(
     fmt: str | None = None,
     max_candidates: int | None = None,
     drop_oversized: bool = False,
+    vocabularies: dict[str, list[Any]] | None = None,
 ) -> ImportResult:
     """:func:`import_table` without the write (the CLI prints the report after writing)."""
     out_dir = Path(out_dir)
@@ -186,7 +194,7 @@ def import_result(
         raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
     mp = load_mapping(mapping)
     shown, cand = read_tables(input, mp, candidates, fmt)
-    result = build(shown, mp, cand)
+    result = build(shown, mp, cand, vocabularies)
     if max_candidates is not None:
         from genrerank.data.loaders import cap_candidates
 

@@ -28,7 +28,8 @@ requests in Python. Steps, in order:
    gets ``K + 1 + crc32(str(value)) % B`` instead (:func:`genrerank.data.ids.hash_item_id`).
    ``category`` and ``creator`` are encoded the same way without cap or hashing; absent, they
    are 0 and ``n_categories = n_creators = 1``. Tags become 0/1 dense features, one per tag
-   among the ``top_k`` most frequent in training, named ``<feature>:<tag>``.
+   among the ``top_k`` most frequent in training, named ``<feature>:<tag>``. Vocabularies
+   passed to :func:`build` (``vocabularies``) are used as given instead (:func:`encode_fixed`).
 7. ``is_cold_start`` / ``is_long_tail``, when not mapped, describe the item's creator (or the
    item itself when there is no creator column), like the loaders: cold start = no impression
    in the training split; long tail = training impressions below the ``long_tail_quantile``
@@ -317,6 +318,36 @@ def encode_categorical(values: pa.Array, train: np.ndarray, cap: int | None = No
     return _Encoded(index, vocab, 1 + len(order) + buckets, outside)
 
 
+def encode_fixed(values: pa.Array, vocab: list[Any], buckets: int = 0,
+                 where: str = "vocabularies") -> _Encoded:
+    """Indices from a given vocabulary (``vocabularies.json`` format: index 0 = None, then the
+    values of indices 1..K), not fitted on the data. Values are matched as text, so integers
+    and their decimal strings, or booleans and ``"true"`` / ``"false"``, name the same value.
+    Values outside it are 0, or hashed into ``buckets`` as in :func:`encode_categorical`."""
+    if not isinstance(vocab, list) or not vocab or vocab[0] is not None:
+        raise DataValidationError(f"{where}: expected a list starting with None (index 0 = "
+                                  f"unknown), got {vocab!r:.80}")
+    try:
+        keys = pc.cast(pa.array(vocab[1:]), pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise DataValidationError(f"{where}: values of mixed or unsupported types ({exc})") \
+            from None
+    if keys.null_count or len(pc.unique(keys)) != len(keys):
+        raise DataValidationError(f"{where}: a vocabulary may hold None only at index 0 and "
+                                  "no value twice")
+    text = pc.cast(values, pa.string())
+    index = pc.fill_null(pc.add(pc.index_in(text, value_set=keys), 1), 0) \
+        .to_numpy(zero_copy_only=False).astype(np.int64)
+    outside = (index == 0) & text.is_valid().to_numpy(zero_copy_only=False)
+    if buckets and outside.any():
+        rest = np.flatnonzero(outside)
+        raw = values.take(pa.array(rest)).to_pylist()
+        index[rest] = len(keys) + 1 + np.fromiter(
+            (hash_item_id(str(v)) % buckets for v in raw), np.int64, count=len(raw))
+    return _Encoded(index.astype(np.int32), list(vocab[1:]), len(vocab) + buckets,
+                    int(outside.sum()))
+
+
 def encode_tags(tags: pa.ListArray, train: np.ndarray, top_k: int) -> tuple[np.ndarray, list]:
     """0/1 matrix (rows, k) over the ``top_k`` most frequent training tags, and those tags."""
     flat = tags.flatten()
@@ -368,9 +399,22 @@ def _pool(shown: pa.Array | np.ndarray, cand: pa.Array | np.ndarray | None,
 # --------------------------------------------------------------------------- build
 
 
-def build(shown: Frame, mapping: Mapping, candidates: Frame | None = None) -> ImportResult:
-    """The data set of the impressions in ``shown`` (and not-shown ``candidates``)."""
+def build(shown: Frame, mapping: Mapping, candidates: Frame | None = None,
+          vocabularies: dict[str, list[Any]] | None = None) -> ImportResult:
+    """The data set of the impressions in ``shown`` (and not-shown ``candidates``).
+
+    ``vocabularies`` (keys as in ``vocabularies.json``: ``group.feature``, ``category``,
+    ``creator``) fixes the index order of those categoricals instead of fitting it on the
+    training split (:func:`encode_fixed`; ``vocab_cap`` does not apply): to encode new logs like
+    an earlier import, or a source whose vocabulary comes from its own catalogue."""
     m, c = mapping, mapping.columns
+    fixed = dict(vocabularies or {})
+    usable = {f.qualified for f in m.features if f.kind == "categorical"} | {
+        r for r in ("category", "creator") if r in c}
+    unknown = sorted(set(fixed) - usable)
+    if unknown:
+        raise DataValidationError(f"{m.where}: vocabularies given for {unknown}, which are not "
+                                  f"categoricals of the mapping ({', '.join(sorted(usable))})")
     warnings: list[str] = []
     rows_read = shown.num_rows
     if shown.num_rows == 0:
@@ -585,8 +629,12 @@ def build(shown: Frame, mapping: Mapping, candidates: Frame | None = None) -> Im
         get, train = (pooled, pool_train) if feat.group == "item" else (per_request, train_req)
         if feat.kind == "categorical":
             col = feat.column
-            e = encode_categorical(get(lambda fr, col=col: fr.raw_values(col)), train,
-                                   feat.vocab_cap, feat.hash_buckets)
+            raw = get(lambda fr, col=col: fr.raw_values(col))
+            if feat.qualified in fixed:
+                e = encode_fixed(raw, fixed[feat.qualified], feat.hash_buckets,
+                                 f"vocabularies[{feat.qualified!r}]")
+            else:
+                e = encode_categorical(raw, train, feat.vocab_cap, feat.hash_buckets)
             g["cat"].append(e.index)
             g["cat_spec"].append(CategoricalFeature(feat.name, e.size))
             vocabularies[feat.qualified] = [None, *e.vocab]
@@ -613,7 +661,8 @@ def build(shown: Frame, mapping: Mapping, candidates: Frame | None = None) -> Im
         if col is None:
             continue
         raw = pooled(lambda fr, col=col: fr.raw_values(col))
-        e = encode_categorical(raw, pool_train)
+        e = encode_fixed(raw, fixed[role], where=f"vocabularies[{role!r}]") if role in fixed \
+            else encode_categorical(raw, pool_train)
         vocabularies[role] = [None, *e.vocab]
         vocab_sizes[role] = e.size
         if role == "category":
@@ -685,7 +734,8 @@ def build(shown: Frame, mapping: Mapping, candidates: Frame | None = None) -> Im
             "candidate_order": "upstream score descending, ties by a seeded random key",
             "is_cold_start": flag_notes["is_cold_start"],
             "is_long_tail": flag_notes["is_long_tail"],
-            "vocabularies": f"{VOCAB_FILE}: training-split frequency order, 0 = unknown",
+            "vocabularies": f"{VOCAB_FILE}: training-split frequency order, 0 = unknown"
+            + (f"; given, not fitted: {', '.join(sorted(fixed))}" if fixed else ""),
             "seed": m.seed,
         },
     )

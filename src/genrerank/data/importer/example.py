@@ -12,7 +12,7 @@
   matches the query - 0.3 log(price / 20) + 0.3 on desktop, so features, context and position
   all matter; dwell time grows with appeal.
 
-``EXAMPLE_MAPPING`` imports it: ``genrerank data import example.csv example.toml --out DIR``.
+``EXAMPLE_MAPPING`` imports it (``genrerank data example --out DIR`` writes both files).
 """
 
 from __future__ import annotations

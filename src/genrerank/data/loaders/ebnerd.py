@@ -26,6 +26,11 @@ Mapping:
   ``is_long_tail`` = history popularity below the 80th percentile (``long_tail_quantile``).
 - Split: :func:`genrerank.data.splits.assign_time_split` on impression time.
 
+The conversion is two steps: :func:`ebnerd_impressions` reads the files and computes the
+features and flags above into a long impressions table (one row per in-view article);
+the importer (:mod:`genrerank.data.importer`) builds the data set from it with the shipped
+mapping ``mappings/ebnerd.toml``, the path users' own logs take (``genrerank data import``).
+
 Bad rows (null ids or times, an empty or repeating in-view list, a clicked article that is not in
 view) raise DataValidationError naming the file, the row (0-based), its impression_id and field.
 """
@@ -33,7 +38,7 @@ view) raise DataValidationError naming the file, the row (0-based), its impressi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -41,22 +46,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genrerank.data.loaders._common import (
-    Requests,
     build_vocab,
     fail_row,
     first_bad,
     first_duplicate_in_segments,
     log1p,
     long_tail_flags,
-    lookup,
     map_keys,
-    order_candidates,
     register_loader,
     require_dir,
     require_file,
-    split_requests,
 )
-from genrerank.data.schema import CategoricalFeature, DataValidationError, FeatureSpec
+from genrerank.data.loaders.mappings import import_source, source_mapping
+from genrerank.data.schema import DataValidationError, FeatureSpec
 
 REQUIRED = [
     "impression_id",
@@ -85,15 +87,19 @@ def _flat(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     return arr.flatten(), pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
 
 
-@register_loader("ebnerd")
-def load_ebnerd(
-    input_dir: str | Path,
-    *,
-    split_fractions: tuple[float, float, float] | None = None,
-    long_tail_quantile: float = 0.8,
-    seed: int = 0,
-) -> tuple[pa.Table, FeatureSpec]:
-    """Read an EB-NeRD folder (behaviors.parquet, history.parquet) into the request table."""
+def ebnerd_impressions(
+    input_dir: str | Path, *, long_tail_quantile: float = 0.8
+) -> tuple[pa.Table, dict[str, list[Any]]]:
+    """The EB-NeRD-specific step: a folder (behaviors.parquet, history.parquet) -> long
+    impressions table.
+
+    One row per in-view article, impressions in file order, articles in in-view order:
+    ``impression_id, time`` (unix seconds, floored), ``user_id, article_id, position``
+    (0-based), ``click``, the user attribute columns present in behaviors.parquet (raw values),
+    ``page`` (``"front"`` / ``"article"``, when ``article_id`` is present),
+    ``log_history_length, log_history_read_time, log_history_popularity, is_cold_start,
+    is_long_tail``. Also returns the vocabularies for the importer (``vocabularies.json``
+    format): the sorted distinct values of each attribute in behaviors.parquet."""
     folder = require_dir(input_dir)
     bpath = require_file(folder, "behaviors.parquet")
     hpath = require_file(folder, "history.parquet")
@@ -181,67 +187,63 @@ def load_ebnerd(
     user_len = map_keys(h_users, h_len, users, 0.0)
     user_read = map_keys(h_users, h_read, users, 0.0)
 
-    # User categoricals present in the file, plus the page the list was shown on.
-    cat_feats, cat_cols = [], []
-    for name in USER_CATEGORICAL:
-        if name in beh.column_names:
-            vocab = build_vocab(beh[name])
-            cat_feats.append(CategoricalFeature(name, len(vocab) + 1))
-            cat_cols.append(lookup(beh[name], vocab))
-    if "article_id" in beh.column_names:
-        cat_feats.append(CategoricalFeature("page", 3))  # 1 = front page, 2 = article page
-        cat_cols.append(np.where(beh["article_id"].is_null().to_numpy(zero_copy_only=False), 1, 2))
-
-    score = log1p(popularity)
-    offsets = np.concatenate([[0], np.cumsum(n)])
-    perm, exposed = order_candidates(offsets, score, seed)
-    cand_view = view[perm]
-
     ts = beh["impression_time"]
     if not pa.types.is_timestamp(ts.type):
         raise DataValidationError(f"{bpath}: column 'impression_time' is {ts.type}, not timestamp")
     times = ts.cast(pa.timestamp("s"), safe=False).cast(pa.int64()).to_numpy()  # floor to s
-    request_ids = pc.cast(imp_ids, pa.string()).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(n)])
+    rows = pa.array(row_of_view)
+    columns: dict[str, Any] = {
+        "impression_id": pc.take(imp_ids, rows),
+        "time": pa.array(times[row_of_view], pa.int64()),
+        "user_id": pc.take(beh["user_id"], rows),
+        "article_id": pa.array(view),
+        "position": pa.array(np.arange(len(view)) - offsets[row_of_view], pa.int64()),
+        "click": pa.array(click, pa.float32()),
+    }
+    # User attributes present in the file (raw values; the given vocabularies index them), plus
+    # the page the list was shown on.
+    vocabularies: dict[str, list[Any]] = {}
+    for name in USER_CATEGORICAL:
+        if name in beh.column_names:
+            columns[name] = pc.take(beh[name], rows)
+            vocabularies[f"user.{name}"] = [None, *build_vocab(beh[name]).to_pylist()]
+    if "article_id" in beh.column_names:
+        page = pc.if_else(beh["article_id"].is_null(), "front", "article")
+        columns["page"] = pc.take(page, rows)
+        vocabularies["user.page"] = [None, "front", "article"]
+    columns |= {
+        "log_history_length": pa.array(log1p(user_len)[row_of_view], pa.float32()),
+        "log_history_read_time": pa.array(log1p(user_read)[row_of_view], pa.float32()),
+        "log_history_popularity": pa.array(log1p(popularity), pa.float32()),
+        "is_cold_start": pa.array(popularity == 0),
+        "is_long_tail": pa.array(map_keys(pop_items, tail_by_item, view, True)),
+    }
+    return pa.table(columns), vocabularies
 
-    spec = FeatureSpec(
-        source="ebnerd",
-        user_categorical=cat_feats,
-        user_dense=["log_history_length", "log_history_read_time"],
-        item_categorical=[],
-        item_dense=["log_history_popularity"],
-        labels=["click"],
-        n_categories=1,
-        n_creators=1,
-        extra={
-            "input": str(folder),
-            "split": "assign_time_split on impression time",
-            "split_fractions": list(split_fractions or (0.8, 0.1, 0.1)),
-            "upstream_score": "log1p(history popularity): EB-NeRD logs no ranking score",
-            "candidate_order": "upstream score descending, ties by seeded random key",
-            "is_cold_start": "article in no user history",
-            "is_long_tail": f"history popularity below the {long_tail_quantile} quantile",
-            "seed": seed,
-        },
-    )
-    user_cat = np.stack(cat_cols, axis=1) if cat_cols else np.zeros((beh.num_rows, 0), np.int32)
-    reqs = Requests(
-        request_id=request_ids,
-        time=times,
-        user_id=pc.cast(beh["user_id"], pa.string()).combine_chunks(),
-        split=split_requests(times, request_ids, split_fractions),
-        user_cat=user_cat,
-        user_dense=np.stack([log1p(user_len), log1p(user_read)], axis=1),
-        n=n,
-        item_id=pc.cast(pa.array(cand_view), pa.string()),
-        item_cat=np.zeros((len(perm), 0), np.int32),
-        item_dense=score[perm][:, None],
-        upstream_score=score[perm],
-        category=np.zeros(len(perm), np.int32),
-        creator=np.zeros(len(perm), np.int32),
-        is_cold_start=popularity[perm] == 0,
-        is_long_tail=map_keys(pop_items, tail_by_item, cand_view, True),
-        m=n,
-        exposed=exposed,
-        labels={"click": click},
-    )
-    return reqs.to_table(spec), spec
+
+@register_loader("ebnerd")
+def load_ebnerd(
+    input_dir: str | Path,
+    *,
+    split_fractions: tuple[float, float, float] | None = None,
+    long_tail_quantile: float = 0.8,
+    seed: int = 0,
+) -> tuple[pa.Table, FeatureSpec]:
+    """Read an EB-NeRD folder (behaviors.parquet, history.parquet) into the request table."""
+    table, vocabularies = ebnerd_impressions(input_dir, long_tail_quantile=long_tail_quantile)
+    # The user attributes (and the page) are optional columns of behaviors.parquet.
+    absent = [n for n in [*USER_CATEGORICAL, "page"] if n not in table.column_names]
+    mapping = source_mapping("ebnerd", split_fractions=split_fractions, seed=seed,
+                             drop_features=absent)
+    extra = {
+        "input": str(Path(input_dir)),
+        "split": "assign_time_split on impression time",
+        "split_fractions": list(split_fractions or (0.8, 0.1, 0.1)),
+        "upstream_score": "log1p(history popularity): EB-NeRD logs no ranking score",
+        "candidate_order": "upstream score descending, ties by seeded random key",
+        "is_cold_start": "article in no user history",
+        "is_long_tail": f"history popularity below the {long_tail_quantile} quantile",
+        "seed": seed,
+    }
+    return import_source(mapping, table, vocabularies, extra)

@@ -25,6 +25,11 @@ Mapping:
 - ``max_candidates`` (default none): an impression with more items is an error naming its line
   (truncating would silently drop shown items and their clicks).
 
+The conversion is two steps: :func:`mind_impressions` parses the files and computes the features
+and flags above into a long impressions table (one row per shown item); the importer
+(:mod:`genrerank.data.importer`) builds the data set from it with the shipped mapping
+``mappings/mind.toml``, the path users' own logs take (``genrerank data import``).
+
 Malformed rows (wrong field count, bad time, a token without ``-0``/``-1``, a duplicate item in an
 impression, an empty impression list, a repeated impression_id) raise DataValidationError naming
 file, line and field.
@@ -33,6 +38,7 @@ file, line and field.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +46,6 @@ import pyarrow.compute as pc
 
 from genrerank.data.loaders._common import (
     LINE,
-    Requests,
     build_vocab,
     check_rows,
     fail,
@@ -48,15 +53,13 @@ from genrerank.data.loaders._common import (
     first_duplicate_in_segments,
     log1p,
     long_tail_flags,
-    lookup,
-    order_candidates,
     read_delimited,
     register_loader,
     require_dir,
     require_file,
-    split_requests,
 )
-from genrerank.data.schema import CategoricalFeature, FeatureSpec
+from genrerank.data.loaders.mappings import import_source, source_mapping
+from genrerank.data.schema import FeatureSpec
 
 BEHAVIOR_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions"]
 NEWS_COLUMNS = [
@@ -83,20 +86,23 @@ def _tokens(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
     return flat.filter(keep), parent[keep.to_numpy(zero_copy_only=False)]
 
 
-@register_loader("mind")
-def load_mind(
+def mind_impressions(
     input_dir: str | Path,
     *,
     max_candidates: int | None = None,
-    split_fractions: tuple[float, float, float] | None = None,
     long_tail_quantile: float = 0.8,
-    seed: int = 0,
-) -> tuple[pa.Table, FeatureSpec]:
-    """Read a MIND folder (behaviors.tsv, news.tsv) into the genrerank request table."""
+) -> tuple[pa.Table, dict[str, list[Any]]]:
+    """The MIND-specific step: a folder (behaviors.tsv, news.tsv) -> long impressions table.
+
+    One row per shown item, impressions in file order, items in logged order: ``impression_id,
+    time`` (unix seconds), ``user_id, news_id, position`` (0-based), ``click``, ``category,
+    subcategory`` (news.tsv text, null = unknown), ``log_history_popularity,
+    log_history_length, is_cold_start, is_long_tail``. Also returns the vocabularies for the
+    importer (``vocabularies.json`` format): the sorted news.tsv values, which include
+    categories of news never shown."""
     folder = require_dir(input_dir)
     bpath = require_file(folder, "behaviors.tsv")
     npath = require_file(folder, "news.tsv")
-
     news = read_delimited(
         npath,
         {"id": pa.string(), "category": pa.string(), "subcategory": pa.string()},
@@ -185,66 +191,58 @@ def load_mind(
     popularity = np.bincount(pairs % n_ids, minlength=n_ids)
     hist_len = np.bincount(row_of_hist, minlength=beh.num_rows)
 
-    # Item categoricals from news.tsv; first row wins if an id repeats.
-    cat_vocab = build_vocab(news["category"])
-    sub_vocab = build_vocab(news["subcategory"])
-    news_pos = pc.index_in(enc.dictionary, value_set=news["id"])
-    news_cat = np.concatenate([[0], lookup(news["category"], cat_vocab)])
-    news_sub = np.concatenate([[0], lookup(news["subcategory"], sub_vocab)])
-    pos = pc.fill_null(pc.add(news_pos, 1), 0).to_numpy(zero_copy_only=False)
-    id_cat, id_sub = news_cat[pos], news_sub[pos]
-
-    pop = popularity[item_code]
-    score = log1p(pop)
+    # Item categoricals from news.tsv (text; the importer indexes it); first row wins if an id
+    # repeats.
+    news_pos = pc.index_in(item, value_set=news["id"])
     offsets = np.concatenate([[0], np.cumsum(n)])
-    perm, exposed = order_candidates(offsets, score, seed)
-    cand = item_code[perm]
-    tail_by_id = long_tail_flags(popularity, long_tail_quantile)
+    table = pa.table({
+        "impression_id": pc.take(beh["impression_id"], pa.array(row_of_tok)),
+        "time": pa.array(times[row_of_tok], pa.int64()),
+        "user_id": pc.take(beh["user_id"], pa.array(row_of_tok)),
+        "news_id": item,
+        "position": pa.array(np.arange(len(item)) - offsets[row_of_tok], pa.int64()),
+        "click": pa.array(click, pa.float32()),
+        "category": pc.take(news["category"], news_pos),
+        "subcategory": pc.take(news["subcategory"], news_pos),
+        "log_history_popularity": pa.array(log1p(popularity[item_code]), pa.float32()),
+        "log_history_length": pa.array(log1p(hist_len)[row_of_tok], pa.float32()),
+        "is_cold_start": pa.array(popularity[item_code] == 0),
+        "is_long_tail": pa.array(long_tail_flags(popularity, long_tail_quantile)[item_code]),
+    })
+    cat_vocab = [None, *build_vocab(news["category"]).to_pylist()]
+    vocabularies = {
+        "item.category": cat_vocab,
+        "category": cat_vocab,
+        "item.subcategory": [None, *build_vocab(news["subcategory"]).to_pylist()],
+    }
+    return table, vocabularies
 
-    request_ids = beh["impression_id"].to_numpy(zero_copy_only=False)
-    spec = FeatureSpec(
-        source="mind",
-        user_categorical=[],
-        user_dense=["log_history_length"],
-        item_categorical=[
-            CategoricalFeature("category", len(cat_vocab) + 1),
-            CategoricalFeature("subcategory", len(sub_vocab) + 1),
-        ],
-        item_dense=["log_history_popularity"],
-        labels=["click"],
-        n_categories=len(cat_vocab) + 1,
-        n_creators=1,
-        max_candidates=int(max_candidates or 0),
-        extra={
-            "input": str(folder),
-            "split": "assign_time_split on impression time",
-            "split_fractions": list(split_fractions or (0.8, 0.1, 0.1)),
-            "upstream_score": "log1p(history popularity): MIND logs no ranking score",
-            "exposed_order": "logged order; MIND does not guarantee it is the on-screen order",
-            "candidate_order": "upstream score descending, ties by seeded random key",
-            "is_cold_start": "item in no user history",
-            "is_long_tail": f"history popularity below the {long_tail_quantile} quantile",
-            "seed": seed,
-        },
+
+@register_loader("mind")
+def load_mind(
+    input_dir: str | Path,
+    *,
+    max_candidates: int | None = None,
+    split_fractions: tuple[float, float, float] | None = None,
+    long_tail_quantile: float = 0.8,
+    seed: int = 0,
+) -> tuple[pa.Table, FeatureSpec]:
+    """Read a MIND folder (behaviors.tsv, news.tsv) into the genrerank request table."""
+    table, vocabularies = mind_impressions(
+        input_dir, max_candidates=max_candidates, long_tail_quantile=long_tail_quantile
     )
-    reqs = Requests(
-        request_id=request_ids,
-        time=times,
-        user_id=beh["user_id"].combine_chunks(),
-        split=split_requests(times, request_ids, split_fractions),
-        user_cat=np.zeros((beh.num_rows, 0), np.int32),
-        user_dense=log1p(hist_len)[:, None],
-        n=n,
-        item_id=pc.take(enc.dictionary, pa.array(cand)),
-        item_cat=np.stack([id_cat[cand], id_sub[cand]], axis=1),
-        item_dense=score[perm][:, None],
-        upstream_score=score[perm],
-        category=id_cat[cand],
-        creator=np.zeros(len(cand), np.int32),
-        is_cold_start=popularity[cand] == 0,
-        is_long_tail=tail_by_id[cand],
-        m=n,
-        exposed=exposed,
-        labels={"click": click},
-    )
-    return reqs.to_table(spec), spec
+    mapping = source_mapping("mind", split_fractions=split_fractions, seed=seed)
+    extra = {
+        "input": str(Path(input_dir)),
+        "split": "assign_time_split on impression time",
+        "split_fractions": list(split_fractions or (0.8, 0.1, 0.1)),
+        "upstream_score": "log1p(history popularity): MIND logs no ranking score",
+        "exposed_order": "logged order; MIND does not guarantee it is the on-screen order",
+        "candidate_order": "upstream score descending, ties by seeded random key",
+        "is_cold_start": "item in no user history",
+        "is_long_tail": f"history popularity below the {long_tail_quantile} quantile",
+        "seed": seed,
+    }
+    data, spec = import_source(mapping, table, vocabularies, extra)
+    spec.max_candidates = int(max_candidates or 0)
+    return data, spec

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from genrerank.data.schema import (
     CategoricalFeature,
@@ -44,6 +43,7 @@ from genrerank.data.simulator.oracle import Simulator, request_ids
 from genrerank.data.simulator.presets import ACTIVITY_LEVELS, get_preset
 from genrerank.data.simulator.world import DURATION_BUCKET_EDGES, RequestState
 from genrerank.data.splits import assign_time_split
+from genrerank.utils.progress import progress as show_progress
 
 ITEM_DENSE = ["log_duration", "creator_log_fans", "hist_ctr"]
 
@@ -158,7 +158,7 @@ def simulate_dataset(
     no_split = pa.schema([f for f in schema
                           if f.name not in ("split", "context_cat", "context_dense")])
     tables = []
-    for c in tqdm(range(n_chunks), desc=f"simulate {preset}", unit="chunk", disable=not progress):
+    for c in show_progress(range(n_chunks), f"simulate {preset}", "chunks", enabled=progress):
         state, lists, feedback = sim.simulate_chunk(c)
         keep = min(size, n_requests - c * size)
         if keep < size:
