@@ -171,18 +171,32 @@ def convert_cmd(
               help="Drop requests above --max-candidates instead of failing (count reported).")
 @click.option("--allow-missing-splits", is_flag=True,
               help="Write a data set without train or valid requests (evaluation only).")
+@click.option("--vocabularies", "vocab_file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="Encode categoricals with an earlier import's vocabularies.json "
+                                 "(new logs for a model trained on that import).")
 @_user_errors
 def import_cmd(
     table: Path, mapping: Path, out_dir: Path, candidates: Path | None, fmt: str | None,
     overwrite: bool, max_candidates: int, drop_oversized: bool, allow_missing_splits: bool,
+    vocab_file: Path | None,
 ) -> None:
     """Import your impression logs as a data set, as described by a TOML mapping.
 
     Mapping format and every rule: README "Your own logs" and genrerank.data.importer."""
     from genrerank.data.importer import import_result, summary_lines
 
+    vocabularies = None
+    if vocab_file is not None:
+        import json
+
+        try:
+            vocabularies = json.loads(vocab_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(
+                f"{vocab_file}: not a readable vocabularies.json ({exc})") from exc
     result = import_result(table, mapping, out_dir, overwrite, candidates, fmt=fmt,
-                           max_candidates=max_candidates, drop_oversized=drop_oversized)
+                           max_candidates=max_candidates, drop_oversized=drop_oversized,
+                           vocabularies=vocabularies)
     path = result.write(out_dir, overwrite=overwrite, allow_missing_splits=allow_missing_splits)
     for line in summary_lines(result.report):
         click.echo(line)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from genrerank.cli import main
 from genrerank.data.importer import import_table
 from genrerank.data.importer.example import EXAMPLE_MAPPING, write_example_csv
-from genrerank.data.schema import read_dataset
+from genrerank.data.schema import FeatureSpec, read_dataset
 
 
 def test_cli_import(tmp_path, files):
@@ -84,3 +84,31 @@ def test_example_log_imports_and_is_learnable(tmp_path):
     # Same seed, same file.
     again = write_example_csv(tmp_path / "again.csv", 400, seed=3)
     assert again.read_bytes() == csv.read_bytes()
+
+
+def test_cli_import_reuses_an_earlier_import_vocabularies(tmp_path):
+    """New logs imported for a model trained on an earlier import keep its encodings."""
+    from genrerank.data.importer.example import EXAMPLE_MAPPING, write_example_csv
+
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(EXAMPLE_MAPPING)
+    first = write_example_csv(tmp_path / "week1.csv", 300, seed=1)
+    second = write_example_csv(tmp_path / "week2.csv", 300, seed=2)
+    args = ["data", "import", "--mapping", str(mapping)]
+    assert CliRunner().invoke(main, [*args, "--input", str(first), "--out",
+                                     str(tmp_path / "w1")]).exit_code == 0
+    vocab = tmp_path / "w1" / "vocabularies.json"
+    result = CliRunner().invoke(main, [*args, "--input", str(second), "--out", str(tmp_path / "w2"),
+                                       "--vocabularies", str(vocab)])
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "w2" / "vocabularies.json").read_text())
+    for key, values in json.loads(vocab.read_text()).items():
+        assert again[key] == values, key
+    specs = [FeatureSpec.load(tmp_path / w / "feature_spec.json") for w in ("w1", "w2")]
+    for attr in ("item_categorical", "item_dense", "context_categorical", "context_dense"):
+        assert getattr(specs[0], attr) == getattr(specs[1], attr), attr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = CliRunner().invoke(main, [*args, "--input", str(second), "--out", str(tmp_path / "w3"),
+                                       "--vocabularies", str(bad)])
+    assert result.exit_code == 1 and "not a readable vocabularies.json" in result.output

@@ -359,6 +359,23 @@ def encode_tags(tags: pa.ListArray, train: np.ndarray, top_k: int) -> tuple[np.n
     return out, enc.vocab
 
 
+def encode_tags_fixed(tags: pa.ListArray, vocab: list[Any], where: str) -> tuple[np.ndarray,
+                                                                                list]:
+    """0/1 matrix over a given tag list (``vocabularies.json`` format for tags: the tag of each
+    column, no unknown entry); other tags set no column."""
+    if not isinstance(vocab, list) or any(v is None for v in vocab) \
+            or len(set(map(str, vocab))) != len(vocab):
+        raise DataValidationError(f"{where}: expected a list of distinct tags, got {vocab!r:.80}")
+    flat = pc.cast(tags.flatten(), pa.string())
+    parent = pc.list_parent_indices(tags).to_numpy(zero_copy_only=False)
+    column = pc.index_in(flat, value_set=pa.array([str(v) for v in vocab], pa.string()))
+    column = pc.fill_null(column, -1).to_numpy(zero_copy_only=False)
+    out = np.zeros((len(tags), len(vocab)), dtype=np.float32)
+    hit = column >= 0
+    out[parent[hit], column[hit]] = 1.0
+    return out, list(vocab)
+
+
 def _dense(frame: Frame, feat: Feature) -> np.ndarray:
     vals = frame.floats(feat.column, feat.fill)
     if feat.transform == "log1p":
@@ -405,11 +422,12 @@ def build(shown: Frame, mapping: Mapping, candidates: Frame | None = None,
 
     ``vocabularies`` (keys as in ``vocabularies.json``: ``group.feature``, ``category``,
     ``creator``) fixes the index order of those categoricals instead of fitting it on the
-    training split (:func:`encode_fixed`; ``vocab_cap`` does not apply): to encode new logs like
-    an earlier import, or a source whose vocabulary comes from its own catalogue."""
+    training split (:func:`encode_fixed`; ``vocab_cap`` does not apply), and the tag columns of
+    tags features (``top_k`` does not apply): to encode new logs like an earlier import, or a
+    source whose vocabulary comes from its own catalogue."""
     m, c = mapping, mapping.columns
     fixed = dict(vocabularies or {})
-    usable = {f.qualified for f in m.features if f.kind == "categorical"} | {
+    usable = {f.qualified for f in m.features if f.kind in ("categorical", "tags")} | {
         r for r in ("category", "creator") if r in c}
     unknown = sorted(set(fixed) - usable)
     if unknown:
@@ -646,7 +664,11 @@ def build(shown: Frame, mapping: Mapping, candidates: Frame | None = None,
             g["dense_names"].append(feat.name)
         else:
             tags = get(lambda fr, feat=feat: fr.tags(feat.column, feat.sep))
-            matrix, vocab = encode_tags(tags, train, feat.top_k)
+            if feat.qualified in fixed:
+                matrix, vocab = encode_tags_fixed(tags, fixed[feat.qualified],
+                                                  f"vocabularies[{feat.qualified!r}]")
+            else:
+                matrix, vocab = encode_tags(tags, train, feat.top_k)
             g["dense"] += list(matrix.T)
             g["dense_names"] += [f"{feat.name}:{t}" for t in vocab]
             vocabularies[feat.qualified] = vocab
