@@ -172,7 +172,8 @@ def test_missing_model_is_a_skip_row(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_memory_child(tmp_path: Path) -> None:
     from genrerank.data.simulator import simulate_to_dir
 
-    data = simulate_to_dir("avito", 4, 0, tmp_path / "avito", progress=False)
+    data = simulate_to_dir("avito", 4, 0, tmp_path / "avito", progress=False,
+                           allow_missing_splits=True)
     mem = measure_memory(data, "pointwise", 2, LatencySettings(threads=1))
     assert "error" not in mem, mem
     assert mem["call_peak_mib"] >= 0 and mem["process_peak_mib"] > mem["call_peak_mib"]

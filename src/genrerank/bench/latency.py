@@ -560,7 +560,8 @@ def run_latency_benchmark(
 
             for preset in settings.presets:
                 data_dir = simulate_to_dir(preset, max(settings.batch_sizes), DATA_SEED,
-                                           Path(tmp) / preset, progress=False)
+                                           Path(tmp) / preset, progress=False,
+                                           allow_missing_splits=True)  # batches, not training
                 ds = RerankDataset(data_dir)
                 m = ds.spec.max_list_length
                 models = {name: build_bench_model(name, ds.spec, settings.seed)

@@ -183,8 +183,11 @@ def simulate_to_dir(
     out_dir: str | Path,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing_splits: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Simulate and write a data set folder (atomically, validated); returns its path."""
+    """Simulate and write a data set folder (atomically, validated); returns its path.
+    ``allow_missing_splits``: a few requests only for timing may lack a valid split."""
     table, spec = simulate_dataset(preset, n_requests, seed, progress=progress, **overrides)
-    return write_dataset(out_dir, table, spec, overwrite=overwrite)
+    return write_dataset(out_dir, table, spec, overwrite=overwrite,
+                         allow_missing_splits=allow_missing_splits)
