@@ -87,17 +87,17 @@ def render_markdown(result: dict[str, Any]) -> str:
              f"{result['machine']}; load average at start {result['load_average']}.", ""]
     if imp:
         lines += ["## Import (`genrerank data import`, child process)", "", markdown_table(
-            ["rows", "requests", "CSV MB", "import s", "rows/s", "peak RSS GiB", "targets met"],
-            [[imp["rows"], imp["requests"], round(imp["csv_bytes"] / 1e6, 1),
-              imp["import_seconds"], imp["rows_per_second"], imp["peak_rss_gib"],
-              imp["meets_targets"]]]),
+            [{"rows": imp["rows"], "requests": imp["requests"],
+              "CSV MB": round(imp["csv_bytes"] / 1e6, 1), "import s": imp["import_seconds"],
+              "rows/s": imp["rows_per_second"], "peak RSS GiB": imp["peak_rss_gib"],
+              "targets met": imp["meets_targets"]}], digits=2),
             "", f"Targets: under {TARGET_IMPORT_S:.0f} s and under {TARGET_IMPORT_RSS_GIB} GiB "
                 f"peak RSS for 1 million rows.", ""]
     walk = result.get("walkthrough")
     if walk:
         lines += ["## README walk-through (\"Your own logs\"), each command", "",
-                  markdown_table(["command", "seconds"],
-                                 [[f"`{s['command']}`", s["seconds"]] for s in walk["steps"]]),
+                  markdown_table([{"command": f"`{s['command']}`", "seconds": s["seconds"]}
+                                  for s in walk["steps"]], digits=2),
                   "", f"Total {walk['total_seconds']} s (target under {TARGET_WALKTHROUGH_S:.0f}"
                       f" s); met: {walk['meets_target']}.", ""]
     return "\n".join(lines)
