@@ -19,7 +19,7 @@ def test_import_benchmark_writes_its_results(tmp_path: Path) -> None:
 def test_walkthrough_steps_are_timed_in_order_and_a_failing_step_stops_it(tmp_path: Path) -> None:
     done = run_walkthrough(tmp_path / "a", "echo one\nsleep 0.3\necho two > out.txt\n")
     assert done.returncode == 0 and done.stdout == "one\n"
-    assert [s.command for s in done.steps] == ["echo one", "sleep 0.3", "echo two"]
+    assert [s.command for s in done.steps] == ["echo one", "sleep 0.3", "echo two > out.txt"]
     assert done.steps[1].seconds >= 0.29
     assert (tmp_path / "a" / "out.txt").read_text() == "two\n"
     failed = run_walkthrough(tmp_path / "b", "echo one\nfalse\necho never\n")

@@ -3,9 +3,9 @@ README works, ``genrerank bench import`` runs it to time each step.
 
 The walk-through is the fenced ``bash`` block that follows the line
 ``<!-- walkthrough: your own logs -->`` in README.md. It runs in a fresh folder under ``bash``
-with ``set -e`` (a failing step stops it) and ``set -x`` with a time stamp in the trace prefix,
-so each command's wall time is the gap to the next trace line. One substitution is made: the
-port ``8000`` becomes a free port, so that a busy port on the machine cannot fail the run.
+with ``set -e`` (a failing step stops it); a time stamp before each command gives each
+command's wall time. One substitution is made: the port ``8000`` becomes a free port, so that a
+busy port on the machine cannot fail the run.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from pathlib import Path
 
 MARKER = "<!-- walkthrough: your own logs -->"
 README = Path(__file__).resolve().parents[3] / "README.md"
-_TRACE = "+@@"  # trace-line prefix (set -x), followed by the time stamp
-_END = ": walkthrough-end"  # traced after the last command: its time stamp ends the last step
+_TRACE = "+@@"  # prefix of the time-stamp lines written to stderr before each command
 
 
 @dataclass
@@ -58,32 +57,31 @@ def free_port() -> int:
 
 def run_walkthrough(work_dir: Path, script: str | None = None,
                     timeout_s: float = 900.0) -> WalkthroughResult:
-    """Run the walk-through in ``work_dir`` with this interpreter's ``genrerank`` on the PATH."""
+    """Run the walk-through in ``work_dir`` with this interpreter's ``genrerank`` on the PATH.
+
+    Before each command an ``echo`` writes a time stamp to stderr (the commands themselves run
+    unchanged); a step's time is the gap to the next stamp, so a command sent to
+    the background takes no time and the wait for it falls to the command that waits."""
     script = readme_walkthrough() if script is None else script
     script = script.replace("8000", str(free_port()))
+    commands, lines = [], []
+    continued = False
+    for line in script.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and not continued:
+            lines.append(f'echo "{_TRACE}$EPOCHREALTIME {len(commands)}" >&2')
+            commands.append(line.strip())
+        lines.append(line)
+        continued = line.rstrip().endswith("\\")
+    lines.append(f'echo "{_TRACE}$EPOCHREALTIME end" >&2')
     work_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    # PS4 is set inside the script: bash ignores it in the environment when run as root.
     # The server is started in the background by the script; kill it whatever happens.
-    wrapped = (f"set -e\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
-               f"PS4='{_TRACE}${{EPOCHREALTIME}} '\nset -x\n{script}\n{_END}\n")
+    wrapped = "set -e\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + "\n".join(lines)
     proc = subprocess.run(["bash", "-c", wrapped], cwd=work_dir, env=env, capture_output=True,
                           text=True, timeout=timeout_s)
-    return WalkthroughResult(_steps(proc.stderr), proc.stdout, proc.stdout + proc.stderr,
-                             proc.returncode)
-
-
-def _steps(trace: str) -> list[Step]:
-    marks: list[tuple[float, str]] = []
-    for line in trace.splitlines():
-        if line.startswith(_TRACE):
-            stamp, _, command = line[len(_TRACE):].partition(" ")
-            try:
-                marks.append((float(stamp), command))
-            except ValueError:
-                continue
-    marks.sort(key=lambda mark: mark[0])  # a background command's trace may come late
-    ends = [i for i, (_, cmd) in enumerate(marks) if cmd == _END]
-    marks = marks[: ends[0] + 1] if ends else marks  # the exit trap's commands are not steps
-    return [Step(cmd, round(marks[i + 1][0] - t, 3)) for i, (t, cmd) in enumerate(marks[:-1])]
+    stamps = [float(line[len(_TRACE):].split()[0]) for line in proc.stderr.splitlines()
+              if line.startswith(_TRACE)]
+    steps = [Step(commands[i], round(stamps[i + 1] - stamps[i], 3))
+             for i in range(min(len(commands), len(stamps) - 1))]
+    return WalkthroughResult(steps, proc.stdout, proc.stdout + proc.stderr, proc.returncode)
