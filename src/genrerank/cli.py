@@ -40,6 +40,19 @@ def _validation_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+_CONSTRAINTS_HELP = ("Business constraints every list must satisfy (JSON or TOML: quotas, "
+                     "max_per_creator, required, forbidden, spacing; README 'Constraints').")
+
+
+def _load_constraints(path: Path | None) -> Any:
+    """The ConstraintSet of ``--constraints FILE`` (None without one)."""
+    if path is None:
+        return None
+    from genrerank.constraints import load_constraints
+
+    return load_constraints(path)
+
+
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     """``key=value`` pairs; values parsed as int, float or bool when they look like one."""
     out: dict[str, Any] = {}
@@ -287,19 +300,25 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
 @click.option("--decoder", default=None, cls=_NamesOption, names=_decoder_names,
               help="Instead of the run's own decoder: {names}.")
 @click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
+@click.option("--constraints", "constraints_file", type=click.Path(path_type=Path), default=None,
+              help=_CONSTRAINTS_HELP)
 @_validation_option
 @_user_errors
 def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
-             out_file: Path | None, decoder: str | None, decoder_params: tuple[str, ...]) -> None:
+             out_file: Path | None, decoder: str | None, decoder_params: tuple[str, ...],
+             constraints_file: Path | None) -> None:
     """Evaluate a run's selected model, or a pipeline, on the test split (offline; online on
-    simulator data)."""
+    simulator data). With --constraints the result reports constraint_violations (0)."""
     import json
 
     if (run_dir is None) == (pipeline_config is None):
         raise click.UsageError("give exactly one of --run and --pipeline")
+    constraints = _load_constraints(constraints_file)
     if pipeline_config is not None:
         if decoder or decoder_params:
             raise click.UsageError("--decoder applies to --run; a pipeline config names its own")
+        if constraints is not None:
+            raise click.UsageError("--constraints applies to --run; a pipeline decodes under none")
         from genrerank.evaluation.generator_evaluator import evaluate_pipeline_config
 
         result = evaluate_pipeline_config(pipeline_config, data_dir, out_file)
@@ -307,7 +326,7 @@ def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
         from genrerank.experiment import evaluate_run
 
         result = evaluate_run(run_dir, data_dir, out_file, decoder,
-                              _parse_options(decoder_params))
+                              _parse_options(decoder_params), constraints=constraints)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -327,23 +346,29 @@ def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
 @click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
 @click.option("--list-length", type=click.IntRange(1), default=None,
               help="Items per list, at most n [default: each request's logged length].")
+@click.option("--constraints", "constraints_file", type=click.Path(path_type=Path), default=None,
+              help=_CONSTRAINTS_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_validation_option
 @_user_errors
 def rerank(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path, out_file: Path,
            split: str, decoder: str | None, decoder_params: tuple[str, ...],
-           list_length: int | None, overwrite: bool) -> None:
+           list_length: int | None, constraints_file: Path | None, overwrite: bool) -> None:
     """Re-rank every request of a split with a run or a pipeline; write the lists (Parquet)."""
     if (run_dir is None) == (pipeline_config is None):
         raise click.UsageError("give exactly one of --run and --pipeline")
     if pipeline_config is not None and (decoder or decoder_params):
         raise click.UsageError("--decoder applies to --run; a pipeline config names its own")
+    constraints = _load_constraints(constraints_file)
+    if pipeline_config is not None and constraints is not None:
+        raise click.UsageError("--constraints applies to --run; a pipeline decodes under none")
     from genrerank.evaluation.rerank import rerank_dataset
 
     summary = rerank_dataset(data_dir, out_file, run_dir=run_dir, pipeline=pipeline_config,
                              split=split, decoder=decoder,
                              decoder_params=_parse_options(decoder_params),
-                             list_length=list_length, overwrite=overwrite)
+                             list_length=list_length, overwrite=overwrite,
+                             constraints=constraints)
     click.echo(summary.line())
 
 
@@ -511,26 +536,40 @@ def bench_import(rows: int, skip_walkthrough: bool, skip_import: bool, out_dir: 
               help="Seconds per cell that may go to timed rounds thrown away because other "
                    "processes were busy, and to waiting for quiet; 0 keeps every round "
                    "[default: 1800; 60 with --quick].")
-@click.option("--presets", default=None, help="Comma-separated subset of avito,kuaishou,large.")
+@click.option("--presets", default=None, help="Comma-separated subset of avito,kuaishou,large "
+              "(the multi-token prediction section: kuaishou and large only).")
 @click.option("--batch-sizes", default=None, help="Comma-separated [default: 1,256].")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory child processes.")
+@click.option("--variants", default=None,
+              help="Comma-separated subset of the variants: pointwise, prm, nar4rec_greedy, "
+                   "nar4rec, autoregressive, autoregressive_no_cache, evaluator (the grid of "
+                   "random-weight models) and autoregressive_mtp, autoregressive_mtp_unverified "
+                   "(the multi-token prediction section, trained models, batch 1) [default: "
+                   "all]; e.g. autoregressive_mtp,autoregressive_mtp_unverified runs only that "
+                   "section.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               default=Path("benchmarks/results"), show_default=True)
 @_user_errors
 def bench_latency(quick: bool, runs: int | None, threads: int, cell_budget: float | None,
                   max_discard: float | None, presets: str | None, batch_sizes: str | None,
-                  no_memory: bool, out_dir: Path) -> None:
+                  no_memory: bool, variants: str | None, out_dir: Path) -> None:
     """Forward + decoding latency (p50 / p99) and peak memory of every model, side by side."""
     from genrerank.bench.latency import LatencySettings, run_latency_benchmark, settings_with
+    from genrerank.bench.latency_mtp import MTP_PRESETS, MTP_VARIANTS
 
     def split(text: str | None, cast: Callable[[str], Any]) -> tuple[Any, ...] | None:
         return None if text is None else tuple(cast(s) for s in text.split(",") if s.strip())
 
+    chosen = split(variants, str.strip)
+    grid = split(presets, str.strip)
     base = LatencySettings.quick() if quick else LatencySettings.full()
     settings = settings_with(
         base, runs=runs, threads=threads, cell_budget_s=cell_budget, max_discard_s=max_discard,
-        presets=split(presets, str.strip), batch_sizes=split(batch_sizes, int),
+        presets=grid, batch_sizes=split(batch_sizes, int),
         memory=False if no_memory else None,
+        mtp_presets=None if grid is None else tuple(p for p in grid if p in MTP_PRESETS),
+        variants=None if chosen is None else tuple(v for v in chosen if v not in MTP_VARIANTS),
+        mtp_variants=None if chosen is None else tuple(v for v in chosen if v in MTP_VARIANTS),
     )
     run_latency_benchmark(quick=quick, out_dir=out_dir, settings=settings)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genrerank.constraints import ConstraintSet, constraints_from_config
 from genrerank.data.dataset import RerankDataset
 from genrerank.data.schema import FeatureSpec
 from genrerank.data.simulator import Simulator
@@ -198,24 +199,29 @@ def select_decoding(
     decoder itself (``"name": "auto"``) or contrastive decoding's ``alpha``."""
     decode_cfg = dict(decode_cfg or {"name": "greedy"})
     decode_cfg.pop("selection", None)
+    # Default constraints (decode.constraints) hold for every candidate decoder and stay in
+    # the chosen config.
+    constraints = decode_cfg.pop("constraints", None)
+    kept = {} if constraints is None else {"constraints": constraints}
     auto = [k for k, v in decode_cfg.items() if v == "auto" and k in AUTO_GRIDS]
     if decode_cfg.get("name") == "auto":
-        candidates = decoder_candidates(model)
+        candidates = [(name, {**params, **kept}) for name, params in decoder_candidates(model)]
     elif len(auto) == 1:
         key = auto[0]
-        base = {k: v for k, v in decode_cfg.items() if k not in ("name", key)}
+        base = {k: v for k, v in decode_cfg.items() if k not in ("name", key)} | kept
         candidates = [(decode_cfg["name"], {**base, key: v}) for v in AUTO_GRIDS[key]]
     elif auto:
         raise ValueError(f"decode: only one option can be 'auto', got {auto}")
     else:
-        return decode_cfg
+        return {**decode_cfg, **kept}
     scorer = scorer or ListScorer(valid, train)
     scores = [(name, params, scorer(model, name, params)) for name, params in candidates]
     # Ties: the earlier (simpler) candidate.
     name, params, _ = max(scores, key=lambda c: (c[2], -scores.index(c)))
     return {"name": name, **params, "selection": {
         "split": "valid", "metric": scorer.metric,
-        "scores": {_label(n, p): v for n, p, v in scores}}}
+        "scores": {_label(n, {k: x for k, x in p.items() if k != "constraints"}): v
+                   for n, p, v in scores}}}
 
 
 def _label(name: str, params: dict[str, Any]) -> str:
@@ -250,17 +256,27 @@ def evaluate_model(
     name: str = "model",
     beam_width: int = 16,
     propensities: np.ndarray | None = None,
+    constraints: ConstraintSet | None = None,
 ) -> dict[str, Any]:
     """Offline metrics on the logs (position-debiased ones too when ``propensities``, fitted on
-    the training split, are given); online ones under the oracle for simulator data."""
-    preds = predict(model, dataset, decoder, decoder_params)
+    the training split, are given); online ones under the oracle for simulator data. With
+    ``constraints`` (or a ``constraints`` entry of ``decoder_params``) every list is decoded
+    under them and ``constraint_violations`` counts the lists that break them (0)."""
+    params = dict(decoder_params or {})
+    if constraints is None:
+        constraints = constraints_from_config(params)
+    params.pop("constraints", None)
+    preds = predict(model, dataset, decoder, params, constraints=constraints)
     result: dict[str, Any] = {
         "requests": len(dataset),
-        "decoder": {"name": decoder, **(decoder_params or {})},
+        "decoder": {"name": decoder, **params},
         # What the click metrics (AUC, recall@k, clicks@k) read: not always a click.
         "click_signal": preds.click_signal if preds.click_signal in preds.labels else None,
         "offline": offline_metrics(preds, top_k_cutoffs(dataset), propensities=propensities),
     }
+    if constraints is not None:
+        result["constraints"] = constraints.to_dict()
+        result["constraint_violations"] = preds.constraint_violations
     if "simulator" in dataset.spec.extra:
         result["online"] = online_metrics(dataset, preds, name, beam_width)
     return result
@@ -349,14 +365,18 @@ def evaluate_run(
     decoder: str | None = None,
     decoder_params: dict[str, Any] | None = None,
     split: str = "test",
+    constraints: ConstraintSet | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's selected (best) model on ``split`` of ``data_dir``."""
+    """Evaluate a run's selected (best) model on ``split`` of ``data_dir``, under
+    ``constraints`` when given (else the run's own ``decode.constraints``, if any)."""
     run_dir = Path(run_dir)
     model, meta, decode_cfg = load_run_for_decoding(run_dir, decoder, decoder_params)
     dataset = RerankDataset(data_dir, split=split)
     if len(dataset) == 0:
         raise ValueError(f"{data_dir}: the {split!r} split is empty")
     _check_compatible(model.spec, dataset.spec)
+    if getattr(model, "kind", "generator") == "evaluator" and constraints is not None:
+        raise ValueError(f"run {run_dir} is a list evaluator: it writes no lists to constrain")
     if getattr(model, "kind", "generator") == "evaluator":  # scores lists, writes none
         from genrerank.evaluation.list_scoring import evaluate_list_scorer
 
@@ -365,7 +385,8 @@ def evaluate_run(
         name = decode_cfg.pop("name")
         evaluated = evaluate_model(model, dataset, name, decode_cfg,
                                    name=str(meta.get("model_name")),
-                                   propensities=train_propensities(data_dir, dataset))
+                                   propensities=train_propensities(data_dir, dataset),
+                                   constraints=constraints)
     result = {
         "run": str(run_dir),
         "model": meta.get("model_name"),

@@ -10,7 +10,7 @@ or decoder in the package means adding its name here.
 from __future__ import annotations
 
 MODEL_NAMES: tuple[str, ...] = (
-    "autoregressive", "evaluator", "logging", "nar4rec", "pointwise", "prm",
+    "autoregressive", "evaluator", "hierarchical", "logging", "nar4rec", "pointwise", "prm",
 )
 DECODER_NAMES: tuple[str, ...] = (
     "beam", "context", "contrastive", "greedy", "hungarian", "sample", "satiation",

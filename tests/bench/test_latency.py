@@ -26,8 +26,10 @@ from genrerank.bench.latency import (
 from genrerank.cli import main
 
 # One thread and no discarding: the test's time does not depend on what else the machine runs.
+# The multi-token prediction section (it trains models) has its own test: test_latency_mtp.py.
 TINY = LatencySettings(presets=("avito", "kuaishou"), batch_sizes=(1, 3), runs=4, min_runs=2,
-                       warmup_runs=1, warmup_s=0.0, memory=False, threads=1, max_discard_s=0.0)
+                       warmup_runs=1, warmup_s=0.0, memory=False, threads=1, max_discard_s=0.0,
+                       mtp_variants=())
 
 
 @pytest.fixture(scope="module")

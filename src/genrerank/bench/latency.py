@@ -36,6 +36,10 @@ handed back to the OS (``malloc_trim``) and the kernel's peak-RSS mark reset
 memory (activations, decoding state), not the weights, the runtime, or code paged in by a first
 call. A fresh process per measurement keeps the other models' memory out of it.
 
+Multi-token prediction: a section of its own (:mod:`genrerank.bench.latency_mtp`), batch 1 at
+m = 6 and m = 50, where the autoregressive model is briefly TRAINED (how often self-speculative
+decoding accepts proposals depends on the weights); ``--variants`` runs it alone.
+
 Outputs ``latency.{json,md}`` (``latency_quick.*`` with ``--quick``, so a quick run never
 overwrites the full results).
 """
@@ -123,6 +127,17 @@ class LatencySettings:
     contrastive_alpha: float = 0.05
     seed: int = 0  # weights and evaluator lists
     memory: bool = True  # peak memory per (model, preset, batch) in child processes
+    # Multi-token prediction section (bench/latency_mtp.py; no variants = not run).
+    mtp_variants: tuple[str, ...] = ("autoregressive_mtp", "autoregressive_mtp_unverified")
+    mtp_presets: tuple[str, ...] = ("kuaishou", "large")
+    mtp_heads: int = 3
+    mtp_train_requests: int = 600  # simulated per preset (80 % of them train, 10 % validate)
+    mtp_epochs: int = 8  # 8 x 30 = 240 steps of batch 16
+    mtp_batch_size: int = 16
+    mtp_weight: float = 1.0  # of the mtp loss term
+    mtp_target: str = "model"  # its target: the next-item head's choices (or "logged")
+    mtp_eval_requests: int = 200  # decoded one at a time: steps, acceptance, identical lists
+    mtp_timed_requests: int = 50  # timed calls cycle through the first of them
 
     @classmethod
     def full(cls) -> LatencySettings:
@@ -131,12 +146,14 @@ class LatencySettings:
     @classmethod
     def quick(cls) -> LatencySettings:
         return cls(runs=30, min_runs=3, warmup_runs=3, warmup_s=10.0, cell_budget_s=60.0,
-                   max_discard_s=60.0)
+                   max_discard_s=60.0, mtp_train_requests=200, mtp_epochs=2,
+                   mtp_eval_requests=30, mtp_timed_requests=10)
 
 
-def output_paths(out_dir: str | Path, quick: bool) -> dict[str, Path]:
-    """``latency.{json,md}``, or ``latency_quick.*`` for a quick run."""
-    stem = "latency_quick" if quick else "latency"
+def output_paths(out_dir: str | Path, quick: bool, mtp_only: bool = False) -> dict[str, Path]:
+    """``latency.{json,md}``, or ``latency_quick.*`` for a quick run; ``latency_mtp[_quick].*``
+    when only the multi-token prediction section ran (it never overwrites a full run)."""
+    stem = ("latency_mtp" if mtp_only else "latency") + ("_quick" if quick else "")
     return {ext: Path(out_dir) / f"{stem}.{ext}" for ext in ("json", "md")}
 
 
@@ -534,12 +551,15 @@ def run_latency_benchmark(
     write: bool = True,
 ) -> dict[str, Any]:
     """Run the latency benchmark; writes ``latency[_quick].{json,md}`` and returns the JSON."""
+    from genrerank.bench.latency_mtp import MTP_VARIANTS
+
     settings = settings or (LatencySettings.quick() if quick else LatencySettings.full())
     bad = [p for p in settings.presets if p not in PRESETS]
     bad += [v for v in settings.variants if v not in VARIANTS]
+    bad += [v for v in settings.mtp_variants if v not in MTP_VARIANTS]
     if bad:
         raise ValueError(f"unknown preset(s) / variant(s) {bad}; presets {list(PRESETS)}, "
-                         f"variants {list(VARIANTS)}")
+                         f"variants {[*VARIANTS, *MTP_VARIANTS]}")
     if not settings.batch_sizes or min(settings.batch_sizes) < 1 or settings.runs < 1:
         raise ValueError("batch sizes and runs must be >= 1")
     skipped = missing_variants(settings.variants)
@@ -552,13 +572,16 @@ def run_latency_benchmark(
     torch.set_num_threads(settings.threads)
     cells: list[dict[str, Any]] = []
     params: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(settings.presets) * len(settings.batch_sizes), desc="latency cells",
+    # Only multi-token prediction variants asked for: no grid of random-weight models.
+    grid = settings.presets if variants else ()
+    mtp: dict[str, Any] | None = None
+    bar = tqdm(total=len(grid) * len(settings.batch_sizes), desc="latency cells",
                unit="cell", disable=not progress)
     try:
         with tempfile.TemporaryDirectory(prefix="genrerank-latency-") as tmp:
             from genrerank.data.simulator import simulate_to_dir
 
-            for preset in settings.presets:
+            for preset in grid:
                 data_dir = simulate_to_dir(preset, max(settings.batch_sizes), DATA_SEED,
                                            Path(tmp) / preset, progress=False,
                                            allow_missing_splits=True)  # batches, not training
@@ -595,6 +618,10 @@ def run_latency_benchmark(
                         bar.write(_cell_line(cell))
                     bar.update()
                 del models
+            if settings.mtp_variants:
+                from genrerank.bench.latency_mtp import run_mtp_section
+
+                mtp = run_mtp_section(settings, Path(tmp) / "mtp", progress)
     finally:
         bar.close()
         torch.set_num_threads(previous_threads)
@@ -623,13 +650,19 @@ def run_latency_benchmark(
         "cells": cells,
     }
     result["targets"] = targets(cells)
+    if mtp is not None:
+        result["mtp"] = mtp
     result = _json_safe(result)
     if write:
-        paths = output_paths(out_dir, quick)
+        paths = output_paths(out_dir, quick, mtp_only=not variants)
         atomic_write_json(paths["json"], result)
         atomic_write_text(paths["md"], render_markdown(result))
     if progress:
         print(render_targets(result), flush=True)
+        if mtp is not None:
+            from genrerank.bench.latency_mtp import render_mtp_targets
+
+            print(render_mtp_targets(mtp), flush=True)
         if write:
             print(f"wrote {paths['json']} and {paths['md']} in {wall:.0f}s", flush=True)
     return result
@@ -802,9 +835,18 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"Peak memory: {result['memory_method']}. It is the working memory of one call "
         "(activations, decoding state), not the model's weights or the Python / torch runtime.",
         "",
-        f"Reproduce: `genrerank bench latency{' --quick' if quick else ''}` "
-        f"(`--threads {mach['threads']}`); everything is in "
-        f"`{'latency_quick' if quick else 'latency'}.json`.",
+    ]
+    if not result["cells"]:  # --variants named only the multi-token prediction section
+        lines = lines[:4]
+    if "mtp" in result:
+        from genrerank.bench.latency_mtp import render_mtp
+
+        lines += [render_mtp(result["mtp"], s)]
+    only = "" if result["cells"] else f" --variants {','.join(s['mtp_variants'])}"
+    stem = output_paths(".", quick, mtp_only=bool(only))["json"].name
+    lines += [
+        f"Reproduce: `genrerank bench latency{' --quick' if quick else ''}{only}` "
+        f"(`--threads {mach['threads']}`); everything is in `{stem}`.",
         "",
     ]
     return "\n".join(lines)

@@ -4,8 +4,8 @@ Every non-autoregressive model (NAR4Rec and friends) ends in ``log_probs [B, N, 
 position column ``j`` a log-softmax over the ``N`` (padded) candidates. A decoder turns it into
 lists. All decoders share one calling convention::
 
-    decode(name, log_probs, candidate_mask, list_length, **params)
-    DECODERS[name](log_probs, candidate_mask, list_length, **params)
+    decode(name, log_probs, candidate_mask, list_length, constraints=None, **params)
+    DECODERS[name](log_probs, candidate_mask, list_length, constraints=None, **params)
 
 Inputs
     ``log_probs`` ``[B, N, M]`` float. Padded candidates may hold anything: ``candidate_mask``
@@ -30,6 +30,18 @@ Outputs
       ``DecodedLists.valid`` is the ``[B, K]`` mask of available lists (an available list may
       be empty, when ``L_b = 0``, so test ``valid``, not ``lists[..., 0] >= 0``).
 
+Constraints
+    ``constraints``: None, or one :class:`~genrerank.constraints.RequestConstraints` (or
+    None) per request, from :func:`genrerank.constraints.constraints_for_batch`. Every
+    decoder checks them feasible before decoding (raising
+    :class:`~genrerank.constraints.InfeasibleConstraints`) and, at each step, lets a
+    constrained request pick only among the candidates ``allowed(prefix)`` returns: those
+    that keep a completion satisfying every constraint, so a decoder never gets stuck and
+    every list satisfies them. None, or None / empty for every request, runs exactly the
+    unconstrained code (bit-identical lists); unconstrained requests of a constrained batch
+    decode as they would alone. ``hungarian`` is exact only for required / forbidden ids
+    (see its docstring).
+
 Everything runs under ``torch.no_grad`` on the input's device and is vectorised over the
 batch: Python loops run over positions / beam steps only (``hungarian`` loops over requests).
 
@@ -40,10 +52,13 @@ submodules (``genrerank.decoding.greedy.greedy``, ...); they are not re-exported
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from genrerank.constraints import RequestConstraints
 
 __all__ = [
     "DECODERS",
@@ -96,13 +111,17 @@ def decode(
     log_probs: torch.Tensor,
     candidate_mask: torch.Tensor | None,
     list_length: int | torch.Tensor,
+    constraints: Sequence[RequestConstraints | None] | None = None,
     **params: object,
 ) -> torch.Tensor | DecodedLists:
-    """Run the decoder registered as ``name`` (see the module docstring for shapes)."""
+    """Run the decoder registered as ``name`` (see the module docstring for shapes and
+    ``constraints``)."""
     try:
         fn = DECODERS[name]
     except KeyError:
         raise ValueError(f"unknown decoder {name!r}; known decoders: {sorted(DECODERS)}") from None
+    if constraints is not None:  # only then: decoders registered elsewhere may lack it
+        params["constraints"] = constraints
     return fn(log_probs, candidate_mask, list_length, **params)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from genrerank.constraints.batch import apply_allowed, prepare_constraints
+from genrerank.constraints.compile import RequestConstraints
 from genrerank.decoding import (
     DecodedLists,
     list_log_prob,
@@ -23,6 +27,7 @@ def beam(
     beam_width: int = 4,
     k: int | None = None,
     include_greedy: bool = True,
+    constraints: Sequence[RequestConstraints | None] | None = None,
 ) -> DecodedLists:
     """Beam search maximising ``sum_t log p(y_t | t)``, no item twice in a list.
 
@@ -34,6 +39,9 @@ def beam(
     ``include_greedy``: because items are exclusive, plain beam search can drop the greedy
     prefix and end below greedy (a beam that spent an item greedy needs later); the greedy list
     then replaces the worst returned list, so the best list is never worse than greedy's.
+
+    ``constraints``: each live beam extends only by the candidates they allow after its
+    prefix (so every beam stays completable), and the greedy list is the constrained one.
     """
     if beam_width < 1:
         raise ValueError(f"beam: beam_width must be >= 1, got {beam_width}")
@@ -41,6 +49,7 @@ def beam(
     if not 1 <= k <= beam_width:
         raise ValueError(f"beam: k must be in [1, beam_width={beam_width}], got {k}")
     lp, mask, lengths, m = prepare_inputs(log_probs, candidate_mask, list_length)
+    rcs = prepare_constraints(constraints, lengths, mask)
     b, n, _ = lp.shape
     w = beam_width
     device = lp.device
@@ -58,6 +67,11 @@ def beam(
             if not bool(active.any()):
                 break
             cand = (blocked + columns[t][:, None, :]).add_(scores[:, :, None])  # [B, W, N]
+            if rcs is not None:  # live beams of rows still writing follow the constraints
+                live = (active[:, None] & (scores > neg_inf)).reshape(-1)
+                cand = apply_allowed(cand.reshape(b * w, n), rcs, seqs.reshape(b * w, m)[:, :t],
+                                     live, torch.arange(b).repeat_interleave(w).numpy()
+                                     ).reshape(b, w, n)
             top, flat = cand.reshape(b, w * n).topk(w, dim=1)
             parent, item = flat.div(n, rounding_mode="floor"), flat.remainder(n)
             new_blocked = blocked.gather(1, parent[:, :, None].expand(b, w, n))
@@ -76,7 +90,8 @@ def beam(
     # Re-score with the shared helper so every decoder reports identically summed scores.
     scores = torch.where(alive, list_log_prob(lp, lists), neg_inf)
     if include_greedy and m > 0:
-        g = greedy(lp, mask, lengths if isinstance(list_length, torch.Tensor) else m)
+        g = greedy(lp, mask, lengths if isinstance(list_length, torch.Tensor) else m,
+                   constraints=rcs)
         g_score = list_log_prob(lp, g)
         present = (lists == g[:, None, :]).all(-1).any(-1)
         swap = ~present & (g_score > scores[:, -1])

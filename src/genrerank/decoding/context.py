@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from genrerank.constraints.batch import apply_allowed, prepare_constraints
+from genrerank.constraints.compile import RequestConstraints
 from genrerank.decoding import mask_beyond_length, prepare_inputs, register_decoder
 
 
@@ -34,14 +36,17 @@ def context_greedy(
     pair: torch.Tensor | Sequence[Sequence[float]],
     decay: float | torch.Tensor,
     penalty: float = 0.0,
+    constraints: Sequence[RequestConstraints | None] | None = None,
 ) -> torch.Tensor:
     """Greedy decoding with a learned category-transition term -> LongTensor ``[B, m]``.
 
     ``category [B, N]`` each candidate's category id in ``[0, C)`` (larger ids are clamped to the
     last row, as the model does); ``pair [C, C]`` (row: the category shown, column: the
     candidate's); ``decay`` in ``[0, 1]``; ``penalty >= 0`` is subtracted from the diagonal.
+    ``constraints``: each step's argmax runs over the candidates they allow.
     """
     lp, mask, lengths, m = prepare_inputs(log_probs, candidate_mask, list_length)
+    rcs = prepare_constraints(constraints, lengths, mask)
     b, n, _ = lp.shape
     pair = torch.as_tensor(pair, dtype=lp.dtype, device=lp.device)
     decay = float(decay)
@@ -65,6 +70,8 @@ def context_greedy(
     available = mask.clone()
     for t in range(m):
         score = (lp[:, :, t] + context).masked_fill(~available, float("-inf"))
+        if rcs is not None:
+            score = apply_allowed(score, rcs, out[:, :t], t < lengths)
         pick = score.argmax(1)
         out[:, t] = pick
         available[rows, pick] = False

@@ -8,8 +8,12 @@ does not mask chosen items; we do, so lists never repeat an item.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from genrerank.constraints.batch import apply_allowed, prepare_constraints
+from genrerank.constraints.compile import RequestConstraints
 from genrerank.decoding import mask_beyond_length, prepare_inputs, register_decoder
 from genrerank.decoding.greedy import greedy
 
@@ -23,18 +27,21 @@ def contrastive(
     *,
     item_repr: torch.Tensor,
     alpha: float = 0.6,
+    constraints: Sequence[RequestConstraints | None] | None = None,
 ) -> torch.Tensor:
     """Contrastive decoding -> LongTensor ``[B, m]``.
 
     ``item_repr`` ``[B, N, D]``: the candidate representations the similarity is taken on
     (NAR4Rec: the encoded candidates X). ``alpha`` in ``[0, 1]``; ``alpha = 0`` is exactly
     :func:`greedy` (delegated, so ties among underflowed probabilities break the same way).
+    ``constraints``: each step's argmax runs over the candidates they allow.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"contrastive: alpha must be in [0, 1], got {alpha}")
     if alpha == 0.0:
-        return greedy(log_probs, candidate_mask, list_length)
+        return greedy(log_probs, candidate_mask, list_length, constraints=constraints)
     lp, mask, lengths, m = prepare_inputs(log_probs, candidate_mask, list_length)
+    rcs = prepare_constraints(constraints, lengths, mask)
     b, n, _ = lp.shape
     if item_repr.dim() != 3 or tuple(item_repr.shape[:2]) != (b, n):
         raise ValueError(
@@ -57,10 +64,17 @@ def contrastive(
     # For t >= 1 the penalty tensor doubles as the "unavailable" mask: +inf similarity for
     # padded and chosen items gives them score -inf (alpha > 0 here), saving a mask per step.
     penalty = torch.empty(b, n, device=lp.device)
-    pick = columns[0].masked_fill(~mask, float("-inf")).argmax(1)  # t = 0: argmax p
+    first = columns[0].masked_fill(~mask, float("-inf"))  # t = 0: argmax p
+    if rcs is not None:
+        first = apply_allowed(first, rcs, out[:, :0], lengths > 0)
+    pick = first.argmax(1)
     for t in range(m):
         if t > 0:
-            if alpha < 1.0:
+            if rcs is not None:  # the same choice, among the allowed candidates
+                score = (torch.add(columns[t].exp(), penalty, alpha=-ratio) if alpha < 1.0
+                         else -penalty)
+                pick = apply_allowed(score, rcs, out[:, :t], t < lengths).argmax(1)
+            elif alpha < 1.0:
                 pick = torch.add(columns[t].exp(), penalty, alpha=-ratio).argmax(1)
             else:
                 pick = penalty.argmin(1)  # alpha = 1: similarity only

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
+from genrerank.constraints.batch import apply_allowed, prepare_constraints
+from genrerank.constraints.compile import RequestConstraints
 from genrerank.decoding import (
     DecodedLists,
     list_log_prob,
@@ -24,8 +27,10 @@ def _draw(
     top_k: int | None,
     temperature: float,
     generator: torch.Generator | None,
+    constraints: Sequence[RequestConstraints | None] | None = None,
 ) -> torch.Tensor:
-    """``copies`` independent lists per request -> ``[B, copies, m]`` (-1 beyond lengths)."""
+    """``copies`` independent lists per request -> ``[B, copies, m]`` (-1 beyond lengths);
+    with ``constraints`` (one per request) each draw is among the allowed candidates."""
     b, n, _ = lp.shape
     rows = b * copies
     out = torch.full((rows, m), -1, dtype=torch.long, device=lp.device)
@@ -35,6 +40,10 @@ def _draw(
     truncate = top_k is not None and top_k < n
     for t in range(m):
         step = logits[t].repeat_interleave(copies, dim=0) + blocked
+        if constraints is not None:
+            active = (t < lengths).repeat_interleave(copies)
+            step = apply_allowed(step, constraints, out[:, :t], active,
+                                 torch.arange(b).repeat_interleave(copies).numpy())
         if truncate:
             kth = step.topk(top_k, dim=1).values[:, -1:]
             step = step.masked_fill_(step < kth, float("-inf"))
@@ -94,6 +103,7 @@ def sample(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     max_draws: int | None = None,
+    constraints: Sequence[RequestConstraints | None] | None = None,
 ) -> DecodedLists:
     """Sample ``k`` distinct lists per request -> :class:`DecodedLists` ``[B, k, m]``.
 
@@ -109,6 +119,10 @@ def sample(
 
     Randomness: ``generator`` if given, else a fresh generator seeded with ``seed``, else
     torch's global generator. Same seed, same inputs -> same lists.
+
+    ``constraints``: every position draws among the candidates they allow (top-k after that
+    mask), so every list satisfies them; fewer distinct lists than the bound may exist then,
+    and the rounds end at ``max_draws``.
     """
     if k < 1:
         raise ValueError(f"sample: k must be >= 1, got {k}")
@@ -117,6 +131,7 @@ def sample(
     if top_k is not None and top_k < 1:
         raise ValueError(f"sample: top_k must be >= 1 or None, got {top_k}")
     lp, mask, lengths, m = prepare_inputs(log_probs, candidate_mask, list_length)
+    rcs = prepare_constraints(constraints, lengths, mask)
     b, n, _ = lp.shape
     device = lp.device
     if generator is None and seed is not None:
@@ -137,7 +152,9 @@ def sample(
         copies = min(per_round, max_draws - drawn)
         drawn += copies
         per_round = min(2 * per_round, 8 * k)
-        new = _draw(lp[need], mask[need], lengths[need], m, copies, top_k, temperature, generator)
+        sub = None if rcs is None else [rcs[i] for i in need.tolist()]
+        new = _draw(lp[need], mask[need], lengths[need], m, copies, top_k, temperature, generator,
+                    sub)
         # Pool = lists found so far (distinct, first) + the new draws; keep first occurrences.
         pool = torch.cat([found[need], new], dim=1)  # [b', P, m]
         fresh = torch.ones(need.numel(), copies, dtype=torch.bool, device=device)

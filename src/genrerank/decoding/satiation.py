@@ -9,8 +9,12 @@ The penalty is tuned on the validation split (``"penalty": "auto"``) like any de
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from genrerank.constraints.batch import apply_allowed, prepare_constraints
+from genrerank.constraints.compile import RequestConstraints
 from genrerank.decoding import mask_beyond_length, prepare_inputs, register_decoder
 from genrerank.decoding.greedy import greedy
 
@@ -25,19 +29,22 @@ def satiation(
     category: torch.Tensor,
     penalty: float = 0.5,
     decay: float = 0.5,
+    constraints: Sequence[RequestConstraints | None] | None = None,
 ) -> torch.Tensor:
     """Greedy decoding with a decaying same-category penalty -> LongTensor ``[B, m]``.
 
     ``category`` ``[B, N]``: each candidate's category (any integer id; padded entries are
     ignored). ``penalty >= 0`` in log-probability units, ``decay`` in ``[0, 1]``.
+    ``constraints``: each step's argmax runs over the candidates they allow.
     """
     if not penalty >= 0.0:
         raise ValueError(f"satiation: penalty must be >= 0, got {penalty}")
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"satiation: decay must be in [0, 1], got {decay}")
     if penalty == 0.0:
-        return greedy(log_probs, candidate_mask, list_length)
+        return greedy(log_probs, candidate_mask, list_length, constraints=constraints)
     lp, mask, lengths, m = prepare_inputs(log_probs, candidate_mask, list_length)
+    rcs = prepare_constraints(constraints, lengths, mask)
     b, n, _ = lp.shape
     if tuple(category.shape) != (b, n):
         raise ValueError(f"category must be [B, N] = {(b, n)}, got {tuple(category.shape)}")
@@ -50,6 +57,8 @@ def satiation(
     available = mask.clone()
     for t in range(m):
         score = (lp[:, :, t] - penalty * satiety).masked_fill(~available, float("-inf"))
+        if rcs is not None:
+            score = apply_allowed(score, rcs, out[:, :t], t < lengths)
         pick = score.argmax(1)
         out[:, t] = pick
         available[rows, pick] = False

@@ -33,6 +33,13 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
+from genrerank.constraints import (
+    ConstraintSet,
+    RequestConstraints,
+    batch_item_ids,
+    constraints_for_batch,
+    constraints_from_config,
+)
 from genrerank.data.dataset import Batch, RerankDataset, collate
 from genrerank.data.schema import FeatureSpec
 from genrerank.data.signals import click_signal, gain_weights, require_click_signal
@@ -72,6 +79,8 @@ class Predictions:
     #: The signal the click metrics read (:func:`genrerank.data.signals.click_signal`); they
     #: are left out when it is None or absent from ``labels``.
     click_signal: str | None = "click"
+    #: With constraints: how many decoded lists break them (0 by construction); else None.
+    constraint_violations: int | None = None
 
 
 def _pad_cat(parts: list[np.ndarray], fill: Any) -> np.ndarray:
@@ -90,19 +99,33 @@ def decode_lists(
     decoder: str = "greedy",
     decoder_params: dict[str, Any] | None = None,
     out: Any = None,
+    constraints: ConstraintSet | list[RequestConstraints | None] | None = None,
 ) -> torch.Tensor:
     """Each request's list ``[B, M]`` (candidate indices, -1 past its length) at the length of
     its ``position_mask``: the one decoding step that evaluation and ``rerank`` share. ``out``
     is the model's output on ``batch`` when the caller has it (matrix models decode it; the
-    autoregressive model writes its lists step by step instead)."""
+    autoregressive model writes its lists step by step instead).
+
+    ``constraints``: a set (compiled here, ids matched by hash) or compiled per-request
+    constraints; None = a ``constraints`` entry of ``decoder_params`` (a run's
+    ``decode.constraints``), if any."""
     lengths = batch.position_mask.sum(1)
+    params = dict(decoder_params or {})
+    default = constraints_from_config(params)
+    params.pop("constraints", None)
+    if constraints is None:
+        constraints = default
+    if isinstance(constraints, ConstraintSet):
+        constraints = constraints_for_batch(constraints, batch, lengths)
+    if constraints is not None:
+        params["constraints"] = constraints
     if getattr(model, "stepwise", False):
-        lists = model.generate(batch, lengths, decoder, **(decoder_params or {}))
+        lists = model.generate(batch, lengths, decoder, **params)
     else:
         out = model(batch) if out is None else out
         extra = model.decoder_inputs(decoder, batch, out)
         lists = decode(decoder, out.log_probs, batch.candidate_mask, lengths,
-                       **{**extra, **(decoder_params or {})})
+                       **{**extra, **params})
     if isinstance(lists, DecodedLists):
         lists = lists.lists[:, 0]  # best of K
     return lists
@@ -115,16 +138,28 @@ def predict(
     decoder: str = "greedy",
     decoder_params: dict[str, Any] | None = None,
     batch_size: int = 256,
+    constraints: ConstraintSet | None = None,
 ) -> Predictions:
-    """Run ``model`` over ``dataset`` and decode each request's list (logged length m)."""
+    """Run ``model`` over ``dataset`` and decode each request's list (logged length m), under
+    ``constraints`` (or a run's ``decode.constraints`` in ``decoder_params``) when given: then
+    ``constraint_violations`` counts the lists that break them."""
     model.eval()
     decoder_params = dict(decoder_params or {})
+    if constraints is None:
+        constraints = constraints_from_config(decoder_params)
+    decoder_params.pop("constraints", None)
+    violations = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     acc: dict[str, list[np.ndarray]] = {}
     labels: dict[str, list[np.ndarray]] = {s: [] for s in dataset.spec.labels}
     for batch in loader:
         out = model(batch)
-        lists = decode_lists(model, batch, decoder, decoder_params, out)
+        rcs = None
+        if constraints is not None:
+            rcs = dataset_constraints(constraints, dataset, batch)
+        lists = decode_lists(model, batch, decoder, decoder_params, out, constraints=rcs)
+        if rcs is not None:
+            violations += count_violations(rcs, lists)
         mass = torch.logsumexp(out.log_probs.masked_fill(~batch.position_mask[:, None, :],
                                                          float("-inf")), dim=2)
         scores = mass.masked_fill(~batch.candidate_mask, float("-inf"))
@@ -143,7 +178,29 @@ def predict(
             acc.setdefault(name, []).append(value.cpu().numpy())
         for s in labels:
             labels[s].append(batch.labels[s].numpy())
-    return collect_predictions(acc, labels, dataset.spec)
+    preds = collect_predictions(acc, labels, dataset.spec)
+    if constraints is not None:
+        preds.constraint_violations = violations
+    return preds
+
+
+def dataset_constraints(cs: ConstraintSet, dataset: RerankDataset,
+                        batch: Batch) -> list[RequestConstraints | None]:
+    """``cs`` compiled for each request of a batch of ``dataset`` at its logged length (the
+    position mask), with the request ids (for messages) and, when ``cs`` names items, the
+    candidates' item ids."""
+    ids, request_ids = batch_item_ids(dataset, batch, with_items=bool(cs.required
+                                                                      or cs.forbidden))
+    return constraints_for_batch(cs, batch, batch.position_mask.sum(1), item_ids=ids,
+                                 request_ids=request_ids)
+
+
+def count_violations(constraints: list[RequestConstraints | None],
+                     lists: torch.Tensor) -> int:
+    """How many of the lists ``[B, M]`` break their request's constraints."""
+    rows = lists.cpu().tolist()
+    return sum(1 for rc, row in zip(constraints, rows, strict=True)
+               if rc is not None and rc.violations(row))
 
 
 def collect_predictions(

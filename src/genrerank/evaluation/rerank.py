@@ -38,7 +38,9 @@ One row per request, in the data set's order; columns (:data:`OUTPUT_SCHEMA`):
 
 The Parquet key-value metadata holds, under :data:`METADATA_KEY`, a JSON object: run or
 pipeline path, data path, split, decoder and its parameters, list length, model version (and a
-pipeline's component versions), the score's definition, requests and the genrerank version.
+pipeline's component versions), the score's definition, requests, the constraints the lists
+were decoded under (``constraints``, the run's ``decode.constraints`` unless given; with the
+number of lists that break them, ``constraint_violations``, 0) and the genrerank version.
 
 The file is written to a temporary name next to it and renamed when complete: a failure leaves
 no file, or the old one untouched; an existing file is refused unless ``overwrite``.
@@ -63,6 +65,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import genrerank
+from genrerank.constraints import ConstraintSet, RequestConstraints, constraints_from_config
 from genrerank.data.dataset import Batch, RerankDataset, collate
 from genrerank.utils.progress import progress
 
@@ -138,25 +141,30 @@ class _RunSource:
                              "it scores lists and writes none; rerank with a generator run, or "
                              "--pipeline to let it choose among generated lists")
         self.decoder = str(decode_cfg.pop("name"))
+        self.default_constraints = constraints_from_config(decode_cfg)
+        decode_cfg.pop("constraints", None)
         self.params = decode_cfg
         self.version = model_version(run_dir)
         self.models = [self.model]
         self.max_length = self.model.input_limits()[1]
 
     @torch.inference_mode()
-    def lists_and_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def lists_and_scores(self, batch: Batch, constraints: list[RequestConstraints | None]
+                         | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from genrerank.evaluation.offline import decode_lists
 
         model = self.model
         if getattr(model, "stepwise", False):
-            lists = decode_lists(model, batch, self.decoder, self.params)
+            lists = decode_lists(model, batch, self.decoder, self.params,
+                                 constraints=constraints)
             # The step probabilities: one teacher-forced pass over the written lists.
             forced = dataclasses.replace(batch, exposed=lists.clamp_min(0),
                                          position_mask=lists >= 0, labels={})
             log_probs = model(forced).log_probs
         else:
             out = model(batch)
-            lists = decode_lists(model, batch, self.decoder, self.params, out)
+            lists = decode_lists(model, batch, self.decoder, self.params, out,
+                                 constraints=constraints)
             log_probs = out.log_probs
         return lists, _at_slots(log_probs, lists).exp()
 
@@ -179,7 +187,8 @@ class _PipelineSource:
         self.max_length = None
 
     @torch.inference_mode()
-    def lists_and_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def lists_and_scores(self, batch: Batch, constraints: None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         evaluator = self.pipe.evaluator
         lists = self.pipe.rerank(batch, batch.position_mask.sum(1)).lists
         logits = evaluator(batch, lists=lists).signal_logits  # type: ignore[misc]
@@ -249,15 +258,20 @@ def rerank_table(
     list_length: int | None = None,
     batch_size: int = BATCH_SIZE,
     show_progress: bool = True,
+    constraints: ConstraintSet | None = None,
 ) -> pa.Table:
     """The re-ranked lists of ``split`` (``"all"``: every request) as a table of
     :data:`OUTPUT_SCHEMA` with its metadata; nothing is written. See :func:`rerank_dataset`."""
+    from genrerank.evaluation.offline import count_violations, dataset_constraints
     from genrerank.experiment import _check_compatible
 
     if (run_dir is None) == (pipeline is None):
         raise ValueError("give exactly one of a run and a pipeline")
     if pipeline is not None and (decoder is not None or decoder_params):
         raise ValueError("a decoder applies to a run; a pipeline config names its own")
+    if pipeline is not None and constraints is not None:
+        raise ValueError("constraints apply to a run; a pipeline chooses among its generators' "
+                         "lists and decodes under none")
     if list_length is not None and list_length < 1:
         raise ValueError(f"list length must be >= 1, got {list_length}")
     source: _RunSource | _PipelineSource = (
@@ -275,13 +289,20 @@ def rerank_table(
     for model in source.models:
         model.eval()
 
+    if constraints is None and isinstance(source, _RunSource):
+        constraints = source.default_constraints
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     rows, lists_parts, score_parts = [], [], []
+    violations = 0
     with progress(len(dataset), "rerank", "requests", enabled=show_progress) as bar:
         for batch in loader:
             if list_length is not None:
                 batch = _at_length(batch, list_length)
-            lists, scores = source.lists_and_scores(batch)
+            rcs = None if constraints is None else dataset_constraints(constraints, dataset,
+                                                                       batch)
+            lists, scores = source.lists_and_scores(batch, rcs)
+            if rcs is not None:
+                violations += count_violations(rcs, lists)
             lists, scores = lists.cpu().numpy(), scores.float().cpu().numpy()
             for b in range(lists.shape[0]):
                 keep = lists[b] >= 0
@@ -302,6 +323,8 @@ def rerank_table(
         "list_length": list_length if list_length is not None else "logged",
         "model_version": source.version,
         "score": RUN_SCORE if run_dir is not None else PIPELINE_SCORE,
+        "constraints": None if constraints is None else constraints.to_dict(),
+        "constraint_violations": None if constraints is None else violations,
         "requests": len(dataset),
         "genrerank_version": genrerank.__version__,
     }
@@ -396,6 +419,7 @@ def rerank_dataset(
     overwrite: bool = False,
     batch_size: int = BATCH_SIZE,
     show_progress: bool = True,
+    constraints: ConstraintSet | None = None,
 ) -> RerankSummary:
     """Re-rank every request of ``split`` of ``data_dir`` (``"all"``: every request) with a
     finished run (its selected decoder, or ``decoder`` with ``decoder_params``) or a pipeline
@@ -408,7 +432,7 @@ def rerank_dataset(
     table = rerank_table(data_dir, run_dir=run_dir, pipeline=pipeline, split=split,
                          decoder=decoder, decoder_params=decoder_params,
                          list_length=list_length, batch_size=batch_size,
-                         show_progress=show_progress)
+                         show_progress=show_progress, constraints=constraints)
     write_table_atomic(table, out_file, overwrite=overwrite)
     meta = read_rerank_metadata(table)
     lengths = pc.list_value_length(table.column("candidate_index"))

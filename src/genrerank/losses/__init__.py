@@ -34,7 +34,9 @@ from genrerank.losses import (  # noqa: F401
     gain,
     length,
     likelihood,
+    mtp,
     signals,
+    skeleton,
     unlikelihood,
 )
 from genrerank.losses.base import (
@@ -51,6 +53,7 @@ from genrerank.losses.contrastive import ContrastiveLoss
 from genrerank.losses.gain import GainBCELoss
 from genrerank.losses.length import ListLengthLoss
 from genrerank.losses.likelihood import LikelihoodLoss
+from genrerank.losses.mtp import MTPLoss
 from genrerank.losses.unlikelihood import UnlikelihoodLoss
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "LikelihoodLoss",
     "ListLengthLoss",
     "Loss",
+    "MTPLoss",
     "ModelOutput",
     "UnlikelihoodLoss",
     "build_loss",

@@ -56,6 +56,9 @@ class ModelOutput:
         logits: ``[B, N, M]`` the raw scores whose column-wise softmax gives ``log_probs``
             (position effects may be added per column: the softmax ignores them), for losses
             that read a score as a value rather than a probability (``gain_bce``), or None.
+        mtp_logits: ``[B, N, M, K]`` multi-token prediction heads (:mod:`genrerank.models.mtp`):
+            ``[b, :, t, i - 1]`` = head i's masked scores, at the state of position t, for the
+            item at position t + i (the ``mtp`` loss), or None.
     """
 
     log_probs: torch.Tensor
@@ -64,6 +67,7 @@ class ModelOutput:
     click_logits: torch.Tensor | None = None
     length_logits: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    mtp_logits: torch.Tensor | None = None
 
 
 @dataclass

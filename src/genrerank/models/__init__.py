@@ -3,6 +3,7 @@
 from genrerank.models import (  # noqa: F401  (registration)
     autoregressive,
     evaluator,
+    hierarchical,
     logging,
     nar4rec,
     pointwise,

@@ -23,24 +23,36 @@ The KV cache keeps each decoder layer's self-attention keys and values of the po
 written, so step t costs one position instead of t; the candidates' cross-attention keys and
 values and pointer keys are computed once per request. ``use_cache=False`` recomputes the whole
 prefix at every step: the reference the cache must match exactly, and the latency baseline.
+
+Multi-token prediction (``mtp_heads = k``, :mod:`genrerank.models.mtp`): k extra heads predict
+the items 1..k positions after the next one, trained with the ``mtp`` loss term; ``generate(...,
+"greedy", mtp=True)`` lets them propose and the next-item head verify: plain greedy's lists in
+fewer decoder calls. ``mtp_heads = 0`` (the default) builds exactly the model without them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from genrerank.constraints.batch import apply_allowed, prepare_constraints
 from genrerank.data.dataset import Batch
 from genrerank.data.schema import FeatureSpec
 from genrerank.decoding import DecodedLists, mask_beyond_length
 from genrerank.losses.base import ModelOutput
 from genrerank.models.base import RerankModel, register_model
+from genrerank.models.mtp import MTPHeads, speculative_greedy, teacher_forced_logits
 from genrerank.modules.attention import KV, DecoderLayer
 from genrerank.modules.features import FeatureEmbedding
 from genrerank.modules.list_context import ListContext
+
+if TYPE_CHECKING:
+    from genrerank.constraints import RequestConstraints
 
 #: Decoders ``generate`` understands (the matrix decoders do not apply to a stepwise model).
 STEPWISE_DECODERS = ("greedy", "beam", "sample")
@@ -58,6 +70,7 @@ class AutoregressiveConfig:
     features: dict = field(default_factory=dict)  # FeatureConfig options
     max_positions: int = 0  # 0: the longest list in the data (spec.max_list_length)
     list_context: bool = True  # learned category-transition term in the pointer score
+    mtp_heads: int = 0  # multi-token prediction heads (models/mtp.py); 0 = none
 
 
 @dataclass
@@ -124,6 +137,11 @@ class Autoregressive(RerankModel):
         self.click_pos = nn.Linear(d, d)
         self.click_bias = nn.Parameter(torch.zeros(self.max_positions))
         self.list_context = ListContext(spec.n_categories) if config.list_context else None
+        if config.mtp_heads < 0:
+            raise ValueError(f"autoregressive: mtp_heads must be >= 0, got {config.mtp_heads}")
+        # Built last, and only when asked for: without heads the weights, their initialisation
+        # and the state_dict keys are those of a model without the option.
+        self.mtp = MTPHeads(d, config.mtp_heads, config.ff_mult) if config.mtp_heads else None
 
     # -- shared pieces -------------------------------------------------------------------
 
@@ -167,9 +185,14 @@ class Autoregressive(RerankModel):
         before = (onehot.cumsum(2) - onehot.long()) > 0
         before = before & pos_mask.unsqueeze(1)
         logits = self._pointer_logits(h, self.pointer_key(x))
+        context = None
         if self.list_context is not None:
-            logits = logits + self.list_context.teacher_forced(batch.category, exposed, pos_mask)
+            context = self.list_context.teacher_forced(batch.category, exposed, pos_mask)
+            logits = logits + context
         logits = logits.masked_fill(before | ~cand_mask.unsqueeze(-1), float("-inf"))
+        mtp_logits = None
+        if self.mtp is not None:
+            mtp_logits = teacher_forced_logits(self, h, x, exposed, before, cand_mask, context)
 
         hn = self.out_norm(h)
         click = torch.einsum("bnd,bmd->bnm", self.click_item(x), self.click_pos(hn))
@@ -180,6 +203,7 @@ class Autoregressive(RerankModel):
             position_repr=hn,
             click_logits=click,
             logits=logits,
+            mtp_logits=mtp_logits,
         )
 
     # -- inference: step-by-step decoding ------------------------------------------------
@@ -285,6 +309,9 @@ class Autoregressive(RerankModel):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         max_draws: int | None = None,
+        mtp: bool = False,
+        mtp_verify: bool = True,
+        constraints: Sequence[RequestConstraints | None] | None = None,
     ) -> torch.Tensor | DecodedLists:
         """Write lists step by step.
 
@@ -293,6 +320,16 @@ class Autoregressive(RerankModel):
         ``temperature`` over the ``top_k`` best candidates per step) -> DecodedLists
         ``[B, K, m]`` best first, scored by their log-probability under the model. Slots past
         a request's length (or its candidates) are -1, as with every decoder.
+
+        ``greedy`` with ``mtp=True`` (a model with ``mtp_heads``): self-speculative decoding,
+        the same lists in fewer decoder calls (:mod:`genrerank.models.mtp`);
+        ``mtp_verify=False`` keeps the heads' proposals unchecked (faster, lists may differ).
+
+        ``constraints`` (:func:`genrerank.constraints.constraints_for_batch`): checked feasible
+        first (:class:`~genrerank.constraints.InfeasibleConstraints`), then every step of
+        greedy, beam and sampling picks among the candidates they allow after the prefix;
+        scores stay the model's log-probabilities. With ``mtp=True`` a constrained batch is
+        decoded by constrained greedy (what verified speculation would return).
         """
         if decoder not in STEPWISE_DECODERS:
             raise ValueError(f"autoregressive: decoder {decoder!r} does not apply; use one of "
@@ -301,33 +338,50 @@ class Autoregressive(RerankModel):
         self.eval()
         try:
             lengths, width = self._lengths(batch, list_length)
+            rcs = prepare_constraints(constraints, lengths, batch.candidate_mask)
+            if mtp:
+                self._check_mtp(decoder, use_cache)
+                if rcs is None:
+                    return speculative_greedy(self, batch, lengths, width, mtp_verify)[0]
             if decoder == "greedy":
-                return self._greedy(batch, lengths, width, use_cache)
+                return self._greedy(batch, lengths, width, use_cache, constraints=rcs)
             if decoder == "beam":
                 return self._beam(batch, lengths, width, use_cache, beam_width,
-                                  beam_width if k is None else k)
+                                  beam_width if k is None else k, constraints=rcs)
             if generator is None and seed is not None:
                 generator = torch.Generator(device=batch.candidate_mask.device).manual_seed(seed)
             return self._sample(batch, lengths, width, use_cache, k or 4, temperature, top_k,
-                                generator, max_draws)
+                                generator, max_draws, constraints=rcs)
         finally:
             self.train(was_training)
 
-    def _greedy(self, batch: Batch, lengths: torch.Tensor, width: int,
-                use_cache: bool) -> torch.Tensor:
+    def _check_mtp(self, decoder: str, use_cache: bool) -> None:
+        if decoder != "greedy" or not use_cache:
+            raise ValueError("autoregressive: mtp=True is greedy decoding with the KV cache, "
+                             f"got decoder {decoder!r}, use_cache={use_cache}")
+        if self.mtp is None:
+            raise ValueError("autoregressive: mtp=True needs a model trained with mtp_heads >= 1 "
+                             "(e.g. --set model.mtp_heads=3 and an 'mtp' loss term)")
+
+    def _greedy(self, batch: Batch, lengths: torch.Tensor, width: int, use_cache: bool,
+                constraints: Sequence[RequestConstraints | None] | None = None) -> torch.Tensor:
         state = self._start_state(batch, use_cache)
         rows = torch.arange(batch.batch_size, device=lengths.device)
         lists = torch.full((batch.batch_size, width), -1, dtype=torch.long, device=rows.device)
         previous = None
         for t in range(width):
-            pick = self._step(state, previous).argmax(1)
+            lp = self._step(state, previous)
+            if constraints is not None:
+                lp = apply_allowed(lp, constraints, lists[:, :t], t < lengths)
+            pick = lp.argmax(1)
             lists[:, t] = pick
             state.chosen[rows, pick] = True
             previous = pick
         return mask_beyond_length(lists, lengths)
 
     def _beam(self, batch: Batch, lengths: torch.Tensor, width: int, use_cache: bool,
-              beam_width: int, k: int) -> DecodedLists:
+              beam_width: int, k: int,
+              constraints: Sequence[RequestConstraints | None] | None = None) -> DecodedLists:
         if beam_width < 1 or not 1 <= k <= beam_width:
             raise ValueError(f"beam: need beam_width >= 1 and 1 <= k <= beam_width, got "
                              f"beam_width={beam_width}, k={k}")
@@ -343,6 +397,10 @@ class Autoregressive(RerankModel):
         for t in range(width):
             lp = self._step(state, previous)  # [B*W, N]
             n = lp.shape[1]
+            if constraints is not None:  # live beams still writing follow the constraints
+                live = (t < row_lengths) & torch.isfinite(scores.reshape(-1))
+                lp = apply_allowed(lp, constraints, lists.reshape(b * w, width)[:, :t], live,
+                                   torch.arange(b).repeat_interleave(w).numpy())
             # A finished list (t >= its length) continues with one zero-cost dummy choice, so
             # it keeps its score and its place without spawning copies.
             done = (t >= row_lengths).unsqueeze(1)
@@ -364,7 +422,8 @@ class Autoregressive(RerankModel):
 
     def _sample(self, batch: Batch, lengths: torch.Tensor, width: int, use_cache: bool, k: int,
                 temperature: float, top_k: int | None, generator: torch.Generator | None,
-                max_draws: int | None) -> DecodedLists:
+                max_draws: int | None,
+                constraints: Sequence[RequestConstraints | None] | None = None) -> DecodedLists:
         if k < 1 or not temperature > 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"sample: need k >= 1, temperature > 0, top_k >= 1; got k={k}, "
                              f"temperature={temperature}, top_k={top_k}")
@@ -380,6 +439,9 @@ class Autoregressive(RerankModel):
         previous = None
         for t in range(width):
             lp = self._step(state, previous)
+            if constraints is not None:
+                lp = apply_allowed(lp, constraints, lists[:, :t], t < row_lengths,
+                                   torch.arange(b).repeat_interleave(draws).numpy())
             logits = lp / temperature
             if top_k is not None and top_k < logits.shape[1]:
                 kth = logits.topk(top_k, dim=1).values[:, -1:]

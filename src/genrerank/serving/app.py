@@ -72,6 +72,7 @@ from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from genrerank.constraints import InfeasibleConstraints
 from genrerank.serving import schema as schema_module
 from genrerank.serving.schema import (
     ErrorBody,
@@ -750,6 +751,9 @@ def create_app(
             return _error(503, "unavailable", "the server is shutting down")
         try:
             payload = _response_body(job.future.result(), parsed.request_id)
+        except InfeasibleConstraints as exc:  # the validator checks first; a service may too
+            metrics.errors.labels("validation").inc()
+            return _invalid([FieldError("constraints", str(exc))])
         except Exception as exc:  # any service failure is a 500, never a crash
             metrics.errors.labels("internal").inc()
             logger.exception("request %r failed in the service", parsed.request_id)

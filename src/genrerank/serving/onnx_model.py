@@ -12,13 +12,19 @@ with its KV cache living in ONNX Runtime tensors (greedy or beam search).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from genrerank.constraints.batch import allowed_mask, prepare_constraints
 from genrerank.data.schema import FeatureSpec
 from genrerank.serving.export import load_manifest, verified_files
+
+if TYPE_CHECKING:
+    from genrerank.constraints import RequestConstraints
 
 __all__ = ["OnnxModel", "session_options"]
 
@@ -158,20 +164,27 @@ class OnnxModel:
         state["context"] = out[-1]
         return out[0], list(out[1:1 + 2 * self.n_layers])
 
-    def greedy(self, feeds: dict[str, np.ndarray], m: int) -> tuple[np.ndarray, np.ndarray]:
+    def greedy(self, feeds: dict[str, np.ndarray], m: int,
+               constraints: Sequence[RequestConstraints | None] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Greedy lists ``[B, m]`` (-1 past a request's candidates) and the log-probability of
-        each choice ``[B, m]``."""
+        each choice ``[B, m]``. ``constraints`` (one per request): each step picks among the
+        candidates they allow, as the PyTorch model does."""
         state, log_probs, cache = self._start(feeds)
         mask = feeds["candidate_mask"]
         b = mask.shape[0]
         rows = np.arange(b)
         lengths = np.minimum(mask.sum(1), m)
+        rcs = prepare_constraints(constraints, torch.from_numpy(lengths), torch.from_numpy(mask))
         lists = np.full((b, m), -1, dtype=np.int64)
         picked_lp = np.zeros((b, m), dtype=np.float32)
         chosen = np.zeros_like(mask)
         for t in range(m):
             if t:
                 log_probs, cache = self._step(state, cache, lists[:, t - 1].clip(0), t, chosen)
+            if rcs is not None:
+                allowed = allowed_mask(rcs, lists[:, :t], None, t < lengths)
+                log_probs = np.where(allowed, log_probs, -np.inf)
             pick = log_probs.argmax(1)
             lists[:, t] = pick
             picked_lp[:, t] = log_probs[rows, pick]
@@ -181,10 +194,12 @@ class OnnxModel:
         picked_lp[beyond] = 0.0
         return lists, picked_lp
 
-    def beam(self, feeds: dict[str, np.ndarray], m: int, beam_width: int
+    def beam(self, feeds: dict[str, np.ndarray], m: int, beam_width: int,
+             constraints: Sequence[RequestConstraints | None] | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
         """Beam search, the same algorithm as ``Autoregressive._beam``: the best list per
-        request ``[B, m]`` and the log-probability of each of its choices."""
+        request ``[B, m]`` and the log-probability of each of its choices; ``constraints``
+        as in :meth:`greedy`, for every live beam."""
         b = feeds["candidate_mask"].shape[0]
         w = beam_width
         rep = np.repeat(np.arange(b), w)
@@ -193,6 +208,8 @@ class OnnxModel:
         cache = [c[rep] for c in cache]
         log_probs = log_probs[rep]
         lengths = np.minimum(feeds["candidate_mask"].sum(1), m)
+        rcs = prepare_constraints(constraints, torch.from_numpy(lengths),
+                                  torch.from_numpy(feeds["candidate_mask"]))
         row_lengths = np.repeat(lengths, w)
         scores = np.full((b, w), -np.inf, dtype=np.float32)
         scores[:, 0] = 0.0
@@ -204,6 +221,10 @@ class OnnxModel:
                 log_probs, cache = self._step(state, cache, lists[:, :, t - 1].reshape(-1),
                                               t, chosen)
             n = log_probs.shape[1]
+            if rcs is not None:  # live beams still writing follow the constraints
+                live = (t < row_lengths) & np.isfinite(scores.reshape(-1))
+                allowed = allowed_mask(rcs, lists.reshape(b * w, m)[:, :t], rep, live)
+                log_probs = np.where(allowed, log_probs, -np.inf)
             done = (t >= row_lengths)[:, None]
             frozen = np.full_like(log_probs, -np.inf)
             frozen[:, 0] = 0.0

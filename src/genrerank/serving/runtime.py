@@ -9,7 +9,9 @@ Per request (:meth:`Reranker.rerank`):
    context, the candidates together), in PyTorch eager (:class:`TorchBackend`, from a run
    folder) or ONNX Runtime (:class:`OnnxBackend`, from an export folder).
 3. **Decode** (``"decode"``): the run's decoder turns the model's output into the list (for the
-   autoregressive model, decoding is the step loop itself and is counted under "model").
+   autoregressive model, decoding is the step loop itself and is counted under "model"),
+   under the request's constraints (``RerankInput.constraints``, compiled and checked feasible
+   by the validator) when it has any.
 
 Strategy ``"pipeline"`` (when a pipeline config is given) instead runs the generator-evaluator
 pipeline of :mod:`genrerank.pipeline` in PyTorch, with ``k`` lists proposed; the item cache and
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genrerank.constraints import constraints_from_config
 from genrerank.data.dataset import Batch
 from genrerank.data.ids import hash_item_ids
 from genrerank.data.schema import FeatureSpec
@@ -55,8 +58,11 @@ def _ms(start: float) -> float:
 
 
 def decoder_config(decode_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``(decoder name, its parameters)`` from a run's or manifest's decode section."""
+    """``(decoder name, its parameters)`` from a run's or manifest's decode section; default
+    constraints (``constraints``) are not a decoder parameter (see
+    :func:`~genrerank.constraints.constraints_from_config`)."""
     cfg = dict(decode_cfg or {"name": "greedy"})  # run_decoding already dropped "selection"
+    cfg.pop("constraints", None)
     return cfg.pop("name", "greedy"), cfg
 
 
@@ -85,7 +91,9 @@ class TorchBackend:
         self.kind: str = self.model.kind
         self.spec: FeatureSpec = self.model.spec
         self.version = model_version(run_dir)
-        self.decoder, self.decoder_params = decoder_config(run_decoding(run_dir))
+        decode_cfg = run_decoding(run_dir)
+        self.decoder, self.decoder_params = decoder_config(decode_cfg)
+        self.default_constraints = constraints_from_config(decode_cfg)
         self.max_candidates, self.max_list_length = self.model.input_limits()
 
     @torch.inference_mode()
@@ -104,8 +112,10 @@ class TorchBackend:
                            torch.ones(1, inp.m, dtype=torch.bool),
                            category=_t(inp.category)[None], **_context(inp))
         model = self.model
+        rcs = None if inp.constraints is None else [inp.constraints]
         if model.stepwise:
-            out = model.generate(batch, inp.m, self.decoder, **self.decoder_params)
+            out = model.generate(batch, inp.m, self.decoder, constraints=rcs,
+                                 **self.decoder_params)
             lst = first_list(out)
             timings["model"] = _ms(start)
             start = time.perf_counter()
@@ -120,7 +130,8 @@ class TorchBackend:
         timings["model"] = _ms(start)
         start = time.perf_counter()
         params = {**model.decoder_inputs(self.decoder, batch, out), **self.decoder_params}
-        lst = first_list(decode(self.decoder, out.log_probs, mask, inp.m, **params))
+        lst = first_list(decode(self.decoder, out.log_probs, mask, inp.m, constraints=rcs,
+                                **params))
         probs = out.log_probs[0, torch.from_numpy(lst), torch.arange(inp.m)].exp().numpy()
         timings["decode"] = _ms(start)
         return lst, probs
@@ -141,6 +152,7 @@ class OnnxBackend:
         self.spec = self.onnx.spec
         self.version = self.onnx.version
         self.decoder, self.decoder_params = decoder_config(manifest.get("decode") or {})
+        self.default_constraints = constraints_from_config(manifest.get("decode"))
         self.max_candidates = manifest.get("max_candidates")
         self.max_list_length = manifest.get("max_list_length")
         if self.onnx.stepwise and self.decoder not in ("greedy", "beam"):
@@ -159,12 +171,14 @@ class OnnxBackend:
                                         inp.upstream_score[None], mask, inp.category[None],
                                         context_cat=inp.context_cat[None],
                                         context_dense=inp.context_dense[None])
+        rcs = None if inp.constraints is None else [inp.constraints]
         if self.onnx.stepwise:
             if self.decoder == "beam":
                 lists, lp = self.onnx.beam(feeds, inp.m,
-                                           int(self.decoder_params.get("beam_width", 4)))
+                                           int(self.decoder_params.get("beam_width", 4)),
+                                           constraints=rcs)
             else:
-                lists, lp = self.onnx.greedy(feeds, inp.m)
+                lists, lp = self.onnx.greedy(feeds, inp.m, constraints=rcs)
             timings["model"] = _ms(start)
             return lists[0], np.exp(lp[0])
         log_probs, _, item_repr = self.onnx.matrix(feeds, inp.m)
@@ -181,7 +195,8 @@ class OnnxBackend:
                 raise ValueError("decoder 'context' but the export has no list-context table")
             params.update(pair=table["pair"], decay=table["decay"])
         lp = torch.from_numpy(log_probs)
-        lst = first_list(decode(self.decoder, lp, torch.from_numpy(mask), inp.m, **params))
+        lst = first_list(decode(self.decoder, lp, torch.from_numpy(mask), inp.m,
+                                constraints=rcs, **params))
         probs = np.exp(log_probs[0, lst, np.arange(inp.m)])
         timings["decode"] = _ms(start)
         return lst, probs
@@ -203,6 +218,8 @@ class Reranker:
         self.backend = backend
         self.spec = backend.spec
         self.model_version = backend.version
+        #: A run's ``decode.constraints``: the validator applies them to requests without any.
+        self.default_constraints = getattr(backend, "default_constraints", None)
         limit = backend.max_candidates
         self.max_candidates = min(max_candidates, limit) if limit else max_candidates
         self.max_list_length = int(backend.max_list_length or self.max_candidates)

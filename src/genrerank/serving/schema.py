@@ -22,15 +22,29 @@ parsing 60-500 nested objects per request costs more than the model call::
         "cat":   {"<item categorical>": [1, 4, ...], ...},   # each n ints in [0, vocab_size)
         "dense": {"<item dense>": [0.1, 2.0, ...], ...},     # each n finite numbers
         "category": [3, 3, 7, ...],                   # optional: n ints in [0, n_categories)
-        "creator":  [12, 40, 12, ...]                 # optional: n ints in [0, n_creators)
+        "creator":  [12, 40, 12, ...],                # optional: n ints in [0, n_creators)
+        "is_cold_start": [false, true, ...],          # optional: n booleans (constraints)
+        "is_long_tail":  [true, false, ...]           # optional: n booleans (constraints)
       },
       "m": 6,                                  # list length to serve: 1 <= m <= n
       "strategy": "pipeline",                  # optional; default: the service's first strategy
-      "k": 8                                   # optional int >= 1: lists to propose (pipeline)
+      "k": 8,                                  # optional int >= 1: lists to propose (pipeline)
+      "constraints": {"quotas": [...], ...}    # optional: business constraints (2)
     }
 
 (1) At most 256 characters each by default (``genrerank serve --max-item-id-length``): ids are
 keys of the server's item cache, so their size is bounded.
+
+(2) The :mod:`genrerank.constraints` dict shape (``quotas``, ``max_per_creator``, ``required``,
+``forbidden``, ``spacing``); the served list then satisfies every constraint, whatever the
+model's decoder. Without it, a ``decode.constraints`` default of the served run applies. The
+constraints read each candidate's ``category`` (``candidates.category``, else an item
+feature ``candidates.cat.category``), ``creator`` (``candidates.creator``, else
+``candidates.cat.creator``) and flags (``candidates.is_cold_start`` / ``is_long_tail``); a
+constraint on an attribute the request does not carry is a ``422``
+(``constraints.quotas[0].attribute``), and so is a malformed set (the field named, e.g.
+``constraints.quotas[0].min``) or one that no list of length m satisfies (``constraints``, the
+message naming the constraints that conflict). The ``pipeline`` strategy takes no constraints.
 
 Every feature named in the model's :class:`~genrerank.data.schema.FeatureSpec` is required and
 no other name is accepted. Integers must be JSON integers (``2.0`` and ``true`` are rejected);
@@ -70,6 +84,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
+from genrerank.constraints import (
+    ConstraintSearchLimit,
+    ConstraintSet,
+    ConstraintSpecError,
+    InfeasibleConstraints,
+    RequestConstraints,
+    compile_constraints,
+)
 from genrerank.data.schema import FeatureSpec
 from genrerank.serving.types import RerankInput
 
@@ -88,6 +110,7 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 ItemId = Annotated[str, Strict(), Field(min_length=1)]
 StrictInt = Annotated[int, Strict()]
 StrictStr = Annotated[str, Strict()]
+StrictBool = Annotated[bool, Strict()]
 
 _FORBID = ConfigDict(extra="forbid")
 
@@ -144,6 +167,12 @@ class Candidates(BaseModel):
     creator: list[Index] | None = Field(
         default=None, description="n item creators (diversity); default: all 0 (unknown)"
     )
+    is_cold_start: list[StrictBool] | None = Field(
+        default=None, description="n cold-start flags (read only by constraints)"
+    )
+    is_long_tail: list[StrictBool] | None = Field(
+        default=None, description="n long-tail flags (read only by constraints)"
+    )
 
 
 class RerankRequest(BaseModel):
@@ -187,6 +216,11 @@ class RerankRequest(BaseModel):
         default=None, description="default: the first of the service's strategies"
     )
     k: StrictInt | None = Field(default=None, description="lists to propose (pipeline), >= 1")
+    constraints: dict[str, Any] | None = Field(
+        default=None,
+        description="business constraints the list must satisfy (genrerank.constraints dict "
+        "shape: quotas, max_per_creator, required, forbidden, spacing)",
+    )
 
 
 class RerankResponse(BaseModel):
@@ -328,12 +362,17 @@ class RequestValidator:
         max_candidates: int = 0,
         max_list_length: int = 0,
         max_item_id_length: int = DEFAULT_MAX_ITEM_ID_LENGTH,
+        default_constraints: ConstraintSet | None = None,
     ) -> None:
         if not strategies:
             raise ValueError("RequestValidator: the service declares no strategies")
         if max_item_id_length < 1:
             raise ValueError(f"max_item_id_length must be >= 1, got {max_item_id_length}")
         self.max_item_id_length = int(max_item_id_length)
+        # Applied to requests that send no constraints of their own (a run's decode default).
+        self.default_constraints = (
+            None if default_constraints is None or default_constraints.is_empty()
+            else default_constraints)
         self.spec = spec
         self.strategies = tuple(strategies)
         self.max_candidates = int(max_candidates)  # <= 0: no limit
@@ -382,6 +421,7 @@ class RequestValidator:
             service.max_candidates,
             service.max_list_length,
             getattr(service, "max_item_id_length", DEFAULT_MAX_ITEM_ID_LENGTH),
+            getattr(service, "default_constraints", None),
         )
 
     # ---- entry points
@@ -457,6 +497,8 @@ class RequestValidator:
             ("candidates.upstream_score", cands.upstream_score),
             ("candidates.category", cands.category),
             ("candidates.creator", cands.creator),
+            ("candidates.is_cold_start", cands.is_cold_start),
+            ("candidates.is_long_tail", cands.is_long_tail),
         ]
         columns += [(f"candidates.cat.{k}", v) for k, v in cands.cat.items()]
         columns += [(f"candidates.dense.{k}", v) for k, v in cands.dense.items()]
@@ -497,6 +539,20 @@ class RequestValidator:
             )
         if req.k is not None and req.k < 1:
             errors.append(FieldError("k", f"must be >= 1, got {req.k}"))
+        constraint_set = None
+        if req.constraints is not None:
+            try:
+                constraint_set = ConstraintSet.from_dict(req.constraints)
+            except ConstraintSpecError as exc:
+                where = f"constraints.{exc.field}" if exc.field else "constraints"
+                errors.append(FieldError(where, exc.message))
+        elif self.default_constraints is not None and strategy != "pipeline":
+            constraint_set = self.default_constraints
+        if constraint_set is not None and constraint_set.is_empty():
+            constraint_set = None
+        if constraint_set is not None and strategy == "pipeline":
+            errors.append(FieldError("constraints", "the pipeline strategy does not decode "
+                                                    "under constraints"))
 
         if errors:
             # Names, lengths or limits are wrong: the value arrays cannot even be assembled.
@@ -579,6 +635,26 @@ class RequestValidator:
             # leaves it out, an item feature named "category" is the same thing.
             names = list(self._item_cat_names)
             category = ints[names.index("category")].copy() if "category" in names else zeros
+        creator = next(extra).copy() if cands.creator is not None else None
+        # What constraints read: the column the request sent, else the item feature so named.
+        names = list(self._item_cat_names)
+        if creator is None and "creator" in names:
+            given_creator: np.ndarray | None = ints[names.index("creator")].copy()
+        else:
+            given_creator = creator
+        attrs: dict[str, np.ndarray | None] = {
+            "category": category if cands.category is not None or "category" in names
+            else None,
+            "creator": given_creator,
+            "cold_start": None if cands.is_cold_start is None
+            else np.array(cands.is_cold_start, dtype=np.bool_),
+            "long_tail": None if cands.is_long_tail is None
+            else np.array(cands.is_long_tail, dtype=np.bool_),
+        }
+        compiled = None
+        if constraint_set is not None:
+            compiled = self._compile_constraints(constraint_set, attrs, list(ids), m,
+                                                 req.request_id, req.constraints is None)
         return RerankInput(
             item_ids=list(ids),
             user_cat=user_cat,
@@ -587,14 +663,56 @@ class RequestValidator:
             item_dense=np.ascontiguousarray(floats[1:].T),
             upstream_score=floats[0].copy(),
             category=category,
-            creator=next(extra).copy() if cands.creator is not None else zeros.copy(),
+            creator=creator if creator is not None else zeros.copy(),
             m=m,
             strategy=strategy,
             k=req.k,
             request_id=req.request_id,
             context_cat=context_cat,
             context_dense=context_dense,
+            is_cold_start=attrs["cold_start"],
+            is_long_tail=attrs["long_tail"],
+            constraints=compiled,
         )
+
+    def _compile_constraints(self, cs: ConstraintSet, attrs: dict[str, np.ndarray | None],
+                             ids: list[str], m: int, request_id: str | None,
+                             default: bool) -> RequestConstraints:
+        """The request's constraints compiled and checked feasible, or a 422 naming the
+        constraint that reads an attribute the request lacks, or the conflicting ones."""
+        source = "the model's default decode.constraints" if default else None
+        for attr in sorted(cs.attributes()):
+            if attrs[attr] is None:
+                where = _constraint_path(cs, attr)
+                send = {"category": "candidates.category (or an item feature 'category')",
+                        "creator": "candidates.creator (or an item feature 'creator')",
+                        "cold_start": "candidates.is_cold_start",
+                        "long_tail": "candidates.is_long_tail"}[attr]
+                field = "constraints" if default else f"constraints.{where}"
+                why = f" ({source}: {where})" if default else ""
+                raise RequestValidationFailed([FieldError(
+                    field, f"reads each candidate's {attr}{why}: send {send}")])
+        try:
+            compiled = compile_constraints(
+                cs, category=attrs["category"], creator=attrs["creator"],
+                is_cold_start=attrs["cold_start"], is_long_tail=attrs["long_tail"],
+                item_ids=ids, candidate_mask=None, list_length=m, request_id=request_id)
+            compiled.check_feasible()
+        except (InfeasibleConstraints, ConstraintSearchLimit) as exc:
+            message = f"{exc} ({source})" if default else str(exc)
+            raise RequestValidationFailed([FieldError("constraints", message)]) from None
+        return compiled
+
+
+def _constraint_path(cs: ConstraintSet, attr: str) -> str:
+    """Where ``cs`` first reads candidate attribute ``attr`` (``quotas[0].attribute``)."""
+    for i, q in enumerate(cs.quotas):
+        if q.attribute == attr and (q.min or q.max is not None):
+            return f"quotas[{i}].attribute"
+    for i, s in enumerate(cs.spacing):
+        if s.attribute == attr and s.distance > 1:
+            return f"spacing[{i}].attribute"
+    return "max_per_creator"
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -10,11 +10,14 @@ behind the app (the tests use small fakes).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from genrerank.data.schema import FeatureSpec
+
+if TYPE_CHECKING:
+    from genrerank.constraints import RequestConstraints
 
 
 @dataclass
@@ -37,6 +40,12 @@ class RerankInput:
     #: spec has none. Defaults keep inputs built without them valid for such specs.
     context_cat: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     context_dense: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    #: [n] bool flags, None when the client sent none (read only by constraints).
+    is_cold_start: np.ndarray | None = None
+    is_long_tail: np.ndarray | None = None
+    #: The request's constraints (or the service's default), compiled for these candidates
+    #: and m and checked feasible by the validator; None = unconstrained.
+    constraints: RequestConstraints | None = None
 
     @property
     def n(self) -> int:

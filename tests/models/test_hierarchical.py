@@ -1,0 +1,324 @@
+"""Hierarchical generator: the skeleton stage ignores padding, the plan is the most likely one
+that fits, plans become feasible quotas, only high-utility lists teach the skeleton, and the
+model trains and evaluates end to end with its lists following the plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genrerank.data.dataset import Batch, RerankDataset, collate
+from genrerank.data.simulator import simulate_to_dir
+from genrerank.losses import build_loss
+from genrerank.losses.base import list_utility, utility_threshold
+from genrerank.losses.skeleton import logged_category_counts, skeleton_weights
+from genrerank.models import build_model
+from genrerank.models.hierarchical import Hierarchical, plan_counts, skeleton_constraints
+from tests.models._requests import shrink_request
+
+WEIGHTS = {"click": 1.0, "like": 1.5, "long_view": 0.8}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> RerankDataset:
+    out = tmp_path_factory.mktemp("sim") / "d"
+    simulate_to_dir("kuaishou", 64, 5, out, progress=False)
+    return RerankDataset(out)
+
+
+def _model(data: RerankDataset, **cfg: object) -> Hierarchical:
+    torch.manual_seed(0)
+    model = build_model("hierarchical", data.spec, {"dim": 16, **cfg})
+    model.fit_statistics(data)
+    return model.eval()
+
+
+# -- skeleton stage -----------------------------------------------------------------------
+
+
+def test_skeleton_shapes_and_classes_beyond_a_category_s_candidates(
+        data: RerankDataset) -> None:
+    model = _model(data)
+    batch = collate([shrink_request(data[0], 12), data[1]])
+    out = model(batch)
+    c, k = data.spec.n_categories, model.max_positions
+    assert out.count_logits.shape == (2, c, k + 1)
+    assert out.density_logit.shape == (2,) and out.long_item.shape == (2, 60)
+    have = torch.zeros(2, c, dtype=torch.long)
+    for row in range(2):
+        for cat in batch.category[row][batch.candidate_mask[row]].tolist():
+            have[row, cat] += 1
+    assert torch.equal(out.category_count, have)
+    finite = torch.isfinite(out.count_logits)
+    # Class j is possible exactly when the request has at least j candidates of the category.
+    assert torch.equal(finite, torch.arange(k + 1) <= have.unsqueeze(-1))
+    assert out.long_item[0, 12:].abs().max() == 0  # padded candidates are never long
+
+
+def test_padded_candidates_and_positions_change_nothing(data: RerankDataset) -> None:
+    model = _model(data)
+    short = shrink_request(data[2], 15, exposed=4)
+    alone = model(collate([short]))
+    batch = collate([short, data[3]])  # pads request 0 to n = 60, m = 6
+    # Garbage in the padding: another category, large features.
+    noisy = dataclasses.replace(
+        batch,
+        category=torch.where(batch.candidate_mask, batch.category, 5),
+        item_dense=torch.where(batch.candidate_mask.unsqueeze(-1), batch.item_dense, 99.0),
+        exposed=torch.where(batch.position_mask, batch.exposed, 40),
+    )
+    for padded in (model(batch), model(noisy)):
+        torch.testing.assert_close(padded.count_logits[0], alone.count_logits[0],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded.density_logit[0], alone.density_logit[0],
+                                   atol=1e-5, rtol=1e-5)
+    loss = build_loss("skeleton", tau=0.0, weights=WEIGHTS)
+    torch.testing.assert_close(loss(model(noisy), noisy), loss(model(batch), batch))
+
+
+def test_no_density_target_without_the_feature(data: RerankDataset) -> None:
+    model = _model(data, density_feature="no_such_feature")
+    out = model(collate([data[0]]))
+    assert out.density_logit is None and out.long_item is None
+    loss = build_loss("skeleton", tau=0.0, weights=WEIGHTS)(out, collate([data[0]]))
+    assert math.isfinite(loss.item())
+
+
+def test_density_threshold_is_the_training_median(data: RerankDataset) -> None:
+    model = _model(data)
+    column = data.spec.item_dense.index("log_duration")
+    assert float(model.density_threshold) == pytest.approx(
+        float(np.median(data._item_dense.values[:, column])))
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+
+def _brute_force(lp: torch.Tensor, length: int) -> float:
+    best = -math.inf
+    for counts in itertools.product(range(lp.shape[1]), repeat=lp.shape[0]):
+        if sum(counts) == length:
+            best = max(best, sum(float(lp[c, k]) for c, k in enumerate(counts)))
+    return best
+
+
+def test_plan_is_the_most_likely_allocation_of_the_list() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        c, k = 4, 3
+        lp = torch.log_softmax(torch.randn(1, c, k + 1, generator=gen) * 2, dim=-1)
+        have = torch.randint(0, k + 1, (1, c), generator=gen)
+        lp = lp.masked_fill(torch.arange(k + 1) > have.unsqueeze(-1), float("-inf"))
+        length = min(int(torch.randint(1, k + 1, (1,), generator=gen)), int(have.sum()))
+        counts = plan_counts(lp, torch.tensor([length]))
+        assert int(counts.sum()) == length, trial
+        assert (counts <= have).all(), trial
+        got = float(lp[0].gather(1, counts[0].unsqueeze(1)).sum())
+        assert got == pytest.approx(_brute_force(lp[0], length)), trial
+
+
+def test_plan_counts_sum_to_each_request_s_length(data: RerankDataset) -> None:
+    model = _model(data)
+    batch = collate([shrink_request(data[0], 3, exposed=3), data[1], data[4]])
+    counts, available = model.plan(batch, torch.tensor([6, 4, 0]))
+    assert counts.sum(1).tolist() == [3, 4, 0]  # request 0 has only 3 candidates
+    assert (counts <= available).all()
+
+
+# -- plan -> constraints -----------------------------------------------------------------------
+
+
+def test_skeleton_constraints_by_hand() -> None:
+    from genrerank.constraints import Quota
+
+    exact = skeleton_constraints([0, 2, 1, 0, 3], slack=0, available=[4, 2, 1, 0, 5])
+    assert exact.quotas == (Quota("category", 1, min=2, max=2), Quota("category", 2, min=1, max=1),
+                            Quota("category", 4, min=3, max=3))
+    loose = skeleton_constraints([0, 2, 1, 0, 3], slack=1, available=[4, 2, 1, 0, 5])
+    assert loose.quotas == (
+        Quota("category", 0, min=0, max=1),  # unplanned: at most the slack
+        Quota("category", 1, min=1, max=3), Quota("category", 2, min=0, max=2),
+        # category 3 has no candidate: no quota
+        Quota("category", 4, min=2, max=4))
+    # A plan asking more than the candidates allow keeps its minimum feasible.
+    clipped = skeleton_constraints([3, 1], slack=0, available=[2, 5])
+    assert clipped.quotas == (Quota("category", 0, min=2, max=3),
+                              Quota("category", 1, min=1, max=1))
+    with pytest.raises(ValueError, match="slack"):
+        skeleton_constraints([1], slack=-1)
+
+
+def test_skeleton_constraints_are_feasible_for_any_plan() -> None:
+    from genrerank.constraints import compile_constraints
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        available = rng.integers(0, 4, size=5)
+        if available.sum() == 0:
+            continue
+        category = np.repeat(np.arange(5), available)  # the request's candidates
+        length = int(rng.integers(1, min(available.sum(), 6) + 1))
+        lp = torch.log_softmax(torch.as_tensor(rng.normal(size=(1, 5, 7)), dtype=torch.float32),
+                               dim=-1)
+        lp = lp.masked_fill(torch.arange(7) > torch.as_tensor(available).unsqueeze(-1),
+                            float("-inf"))
+        counts = plan_counts(lp, torch.tensor([length]))[0].numpy()
+        for slack in (0, 1, 2):
+            cs = skeleton_constraints(counts, slack, available)
+            assert sum(q.min for q in cs.quotas) <= length
+            assert all(q.min <= available[q.value] for q in cs.quotas)
+            rc = compile_constraints(cs, category=category, list_length=length)
+            rc.check_feasible()  # raises InfeasibleConstraints otherwise
+
+
+# -- which lists teach the skeleton -------------------------------------------------------------
+
+
+def _hand_batch() -> Batch:
+    """Three requests of 4 candidates (categories 0, 1, 1, 2), lists of 2 and one of 1."""
+    b, n = 3, 4
+    return Batch(
+        request_index=torch.arange(b), user_cat=torch.zeros(b, 0, dtype=torch.long),
+        user_dense=torch.zeros(b, 0), context_cat=torch.zeros(b, 0, dtype=torch.long),
+        context_dense=torch.zeros(b, 0), item_cat=torch.zeros(b, n, 0, dtype=torch.long),
+        item_dense=torch.zeros(b, n, 0), upstream_score=torch.zeros(b, n),
+        category=torch.tensor([[0, 1, 1, 2]] * b), creator=torch.zeros(b, n, dtype=torch.long),
+        is_cold_start=torch.zeros(b, n, dtype=torch.bool),
+        is_long_tail=torch.zeros(b, n, dtype=torch.bool),
+        candidate_mask=torch.ones(b, n, dtype=torch.bool),
+        exposed=torch.tensor([[1, 2], [0, 3], [3, 0]]),
+        position_mask=torch.tensor([[True, True], [True, True], [True, False]]),
+        labels={"click": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]),
+                "like": torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])},
+    )
+
+
+def test_logged_counts_and_the_high_utility_selection_by_hand() -> None:
+    batch = _hand_batch()
+    assert logged_category_counts(batch, 3).tolist() == [[0, 2, 0], [1, 0, 1], [0, 0, 1]]
+    # R = (click + 1.5 like) / log2(position + 2): 2.5, 1 / log2(3) = 0.63, 0 (padded slot).
+    r = list_utility(batch, {"click": 1.0, "like": 1.5})
+    torch.testing.assert_close(r, torch.tensor([2.5, 1 / math.log2(3), 0.0]))
+    w = skeleton_weights(batch, "threshold", 0.6, {"click": 1.0, "like": 1.5})
+    assert w.tolist() == [1.0, 1.0, 0.0]
+    w = skeleton_weights(batch, "threshold", 1.0, {"click": 1.0, "like": 1.5})
+    assert w.tolist() == [1.0, 0.0, 0.0]
+    w = skeleton_weights(batch, "gain", None, {"click": 1.0, "like": 1.5})
+    torch.testing.assert_close(w, r)
+    with pytest.raises(ValueError, match="tau is not set"):
+        skeleton_weights(batch, "threshold", None, {"click": 1.0})
+
+
+def test_only_lists_above_tau_teach_the_skeleton(data: RerankDataset) -> None:
+    model = _model(data)
+    batch = collate([data[i] for i in range(16)])
+    r = list_utility(batch, WEIGHTS)
+    # The trainer's tau (the median, above the minimum) leaves out exactly the lists with R = 0.
+    assert 0 < utility_threshold(r) <= float(r[r > 0].min())
+    tau = float(r[r > 0].median())  # higher, so that some lists with feedback fall below
+    good = r >= tau
+    assert good.any() and ((r > 0) & ~good).any()
+    loss = build_loss("skeleton", tau=tau, weights=WEIGHTS)
+    base = loss(model(batch), batch)
+    # Another logged list for the low-utility requests (their labels stay): no change.
+    shifted = (batch.exposed + 7) % 60
+    low = dataclasses.replace(batch, exposed=torch.where(good.unsqueeze(1), batch.exposed,
+                                                         shifted))
+    torch.testing.assert_close(loss(model(low), low), base)
+    high = dataclasses.replace(batch, exposed=torch.where(good.unsqueeze(1), shifted,
+                                                          batch.exposed))
+    assert not torch.isclose(loss(model(high), high), base)
+    # Weighting by gain: every list with R > 0 counts, the others not at all.
+    by_gain = build_loss("skeleton", weighting="gain", weights=WEIGHTS)
+    assert not torch.isclose(by_gain(model(low), low), by_gain(model(batch), batch))
+    silent = dataclasses.replace(batch, exposed=torch.where((r > 0).unsqueeze(1),
+                                                            batch.exposed, shifted))
+    torch.testing.assert_close(by_gain(model(silent), silent), by_gain(model(batch), batch))
+
+
+# -- decoding and the whole run ------------------------------------------------------------------
+
+
+def _list_counts(lists: torch.Tensor, batch: Batch, n_categories: int) -> torch.Tensor:
+    cats = batch.category.gather(1, lists.clamp_min(0)).clamp(0, n_categories - 1)
+    counts = torch.zeros(lists.shape[0], n_categories, dtype=torch.long)
+    return counts.scatter_add_(1, cats, (lists >= 0).long())
+
+
+def test_lists_follow_the_plan_exactly_or_within_the_slack(data: RerankDataset) -> None:
+    model = _model(data)
+    batch = collate([shrink_request(data[0], 9, exposed=5), *[data[i] for i in range(1, 8)]])
+    lengths = batch.position_mask.sum(1)
+    counts, _ = model.plan(batch, lengths)
+    c = data.spec.n_categories
+    exact = model.generate(batch, lengths, "greedy", slack=0)
+    assert torch.equal(_list_counts(exact, batch, c), counts)
+    beam = model.generate(batch, lengths, "beam", slack=0, beam_width=3, k=1).lists[:, 0]
+    assert torch.equal(_list_counts(beam, batch, c), counts)
+    loose = _list_counts(model.generate(batch, lengths, "greedy", slack=1), batch, c)
+    assert ((loose - counts).abs() <= 1).all()
+    free = model.generate(batch, lengths, "greedy", slack=-1)
+    assert torch.equal(free, model.fill.generate(batch, lengths, "greedy"))
+    for lists in (exact, beam, free):  # valid lists: real, distinct, at each length
+        for row in range(len(lists)):
+            items = lists[row][lists[row] >= 0].tolist()
+            assert len(items) == int(lengths[row]) == len(set(items))
+            assert all(batch.candidate_mask[row, i] for i in items)
+
+
+def test_the_caller_s_constraints_hold_and_the_plan_bends_to_them(
+        data: RerankDataset) -> None:
+    from genrerank.constraints import ConstraintSet, Quota, constraints_for_batch
+
+    model = _model(data)
+    batch = collate([data[i] for i in range(8)])
+    lengths = batch.position_mask.sum(1)
+    counts, _ = model.plan(batch, lengths)
+    banned = int(counts[0].argmax())  # request 0's most planned category: a conflict there
+    rules = constraints_for_batch(ConstraintSet(quotas=(Quota("category", banned, max=0),)),
+                                  batch, lengths)
+    lists = model.generate(batch, lengths, "greedy", slack=0, constraints=rules)
+    got = _list_counts(lists, batch, data.spec.n_categories)
+    for row in range(len(lists)):
+        assert rules[row].violations(lists[row].tolist()) == []
+        if counts[row, banned] == 0:  # no conflict: exactly the plan
+            assert torch.equal(got[row], counts[row])
+    # Request 0: the rule wins for the banned category, the plan holds for the others (slack
+    # 0: exactly their planned counts) and the rest of the list is free.
+    assert got[0, banned] == 0
+    planned = (counts[0] > 0) & (torch.arange(len(counts[0])) != banned)
+    assert torch.equal(got[0][planned], counts[0][planned])
+
+
+def test_train_then_evaluate(tmp_path: Path) -> None:
+    from genrerank.experiment import evaluate_run, train_run
+
+    sim = simulate_to_dir("kuaishou", 200, 2, tmp_path / "sim", progress=False)
+    run = tmp_path / "run"
+    train_run("hierarchical", sim, run, overrides=(
+        "train.epochs=1", "train.progress=false", "train.batch_size=64", "model.dim=16",
+        "model.n_heads=2", "model.n_kv_heads=1"))
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["model"]["name"] == "hierarchical"
+    assert [t["name"] for t in config["loss"]] == ["gain_bce", "click_bce", "skeleton"]
+    meta = json.loads((run / "best" / "checkpoint.json").read_text())
+    tau = meta["loss_calibration"]["skeleton"]["tau"]  # set from the training split
+    assert tau > 0
+    report = evaluate_run(run, sim)
+    online = report["online"]
+    assert report["model"] == "hierarchical" and report["requests"] == 20
+    for key in ("expected_gain", "headroom_captured", "category_entropy"):
+        assert math.isfinite(online[key]), key
+    assert online["upper_bound_expected_gain"] >= online["expected_gain"] - 1e-9
+    from genrerank.serving.export import export_run
+
+    with pytest.raises(ValueError, match="hierarchical: ONNX export is not supported"):
+        export_run(run, tmp_path / "onnx", check=False)
+    assert not (tmp_path / "onnx").exists()
