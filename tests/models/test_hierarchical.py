@@ -98,6 +98,17 @@ def test_density_threshold_is_the_training_median(data: RerankDataset) -> None:
         float(np.median(data._item_dense.values[:, column])))
 
 
+def test_the_skeleton_loss_leaves_the_fill_alone_unless_asked(data: RerankDataset) -> None:
+    batch = collate([data[i] for i in range(8)])
+    loss = build_loss("skeleton", tau=0.0, weights=WEIGHTS)
+    for shared in (False, True):
+        model = _model(data, skeleton_grad=shared).train()
+        loss(model(batch), batch).backward()
+        encoder = [p.grad for p in model.fill.encoder.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in encoder) == shared
+        assert model.count_head.weight.grad.abs().sum() > 0
+
+
 # -- the plan --------------------------------------------------------------------------------
 
 
@@ -299,6 +310,7 @@ def test_the_caller_s_constraints_hold_and_the_plan_bends_to_them(
 
 def test_train_then_evaluate(tmp_path: Path) -> None:
     from genrerank.experiment import evaluate_run, train_run
+    from genrerank.serving.export import export_run
 
     sim = simulate_to_dir("kuaishou", 200, 2, tmp_path / "sim", progress=False)
     run = tmp_path / "run"
@@ -317,8 +329,6 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
     for key in ("expected_gain", "headroom_captured", "category_entropy"):
         assert math.isfinite(online[key]), key
     assert online["upper_bound_expected_gain"] >= online["expected_gain"] - 1e-9
-    from genrerank.serving.export import export_run
-
     with pytest.raises(ValueError, match="hierarchical: ONNX export is not supported"):
         export_run(run, tmp_path / "onnx", check=False)
     assert not (tmp_path / "onnx").exists()

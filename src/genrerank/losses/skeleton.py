@@ -6,7 +6,8 @@ optionally the share of long items in it. Which lists teach the skeleton:
 - ``weighting="threshold"`` (default): only the lists whose list gain R (the data set's gain
   weights on the logged labels, :func:`~genrerank.losses.base.list_utility`) is at least tau;
   tau defaults to the training split's median R raised above its minimum (the trainer sets it,
-  as for the unlikelihood loss), so the lists without any feedback never teach the plan.
+  as for the unlikelihood loss; ``train.tau_quantile`` moves it), so the lists without any
+  feedback never teach the plan.
 - ``weighting="gain"``: every list, weighted by its R (a list without feedback weighs 0).
 
 Per request, the count term is the mean over the categories present among its candidates of the

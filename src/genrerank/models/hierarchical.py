@@ -12,7 +12,8 @@ Reading order:
    items the list holds, ``count_logits [B, C, K + 1]`` (K = the longest list). Optionally a
    content-density target: the logit of the share of "long" items in the list (item dense
    feature ``density_feature`` above its training-split median; off when the data has no such
-   feature).
+   feature). The density is predicted and trained but not enforced: the constraint language
+   has no quota on a dense feature.
 3. **Plan -> constraints**: the most likely counts that sum to the list length (exact, by
    dynamic programming over categories, :func:`plan_counts`), turned into category quotas
    (:func:`skeleton_constraints`), under which the fill decodes
@@ -26,7 +27,8 @@ and quotas are what the constraint language expresses.
 
 The skeleton is trained by the ``skeleton`` loss (:mod:`genrerank.losses.skeleton`) from the
 high-utility logged lists (list gain >= tau, tau from the training split) or from all lists
-weighted by their gain.
+weighted by their gain. By default it reads the fill's encoding without training it
+(``skeleton_grad``), so the fill learns exactly what a plain autoregressive model learns.
 """
 
 from __future__ import annotations
@@ -34,26 +36,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from genrerank.constraints import (
-    ConstraintSearchLimit,
-    ConstraintSet,
-    Quota,
-    RequestConstraints,
-    compile_constraints,
-    constraints_for_batch,
-)
 from genrerank.data.dataset import Batch
 from genrerank.data.schema import FeatureSpec
 from genrerank.decoding import DecodedLists
 from genrerank.losses.base import ModelOutput
 from genrerank.models.autoregressive import Autoregressive, AutoregressiveConfig
 from genrerank.models.base import RerankModel, make_config, register_model
+
+if TYPE_CHECKING:
+    from genrerank.constraints import ConstraintSet, RequestConstraints
 
 #: The attribute the skeleton's quotas constrain.
 CATEGORY = "category"
@@ -122,6 +119,7 @@ class Hierarchical(RerankModel):
         fill_cfg = {name: getattr(config, name) for name in (
             "dim", "n_heads", "n_kv_heads", "encoder_layers", "decoder_layers", "ff_mult",
             "dropout", "features", "max_positions", "list_context")}
+        # Built first, so that its initial weights are a plain autoregressive model's.
         self.fill = Autoregressive(spec, make_config(AutoregressiveConfig,
                                                      {**fill_cfg, **config.fill}))
         if config.slack < -1:
@@ -246,8 +244,11 @@ class Hierarchical(RerankModel):
         if slack < -1:
             raise ValueError(f"hierarchical: slack must be >= -1, got {slack}")
         if slack == -1:
-            return self.fill.generate(batch, list_length, decoder, constraints=constraints,
-                                      **params)
+            if constraints is not None:
+                params["constraints"] = constraints
+            return self.fill.generate(batch, list_length, decoder, **params)
+        from genrerank.constraints import constraints_for_batch
+
         lengths, _ = self.fill._lengths(batch, list_length)  # at most the real candidates
         counts, available = (t.cpu().numpy() for t in self.plan(batch, lengths))
         sets = [skeleton_constraints(k, slack, a) for k, a in zip(counts, available, strict=True)]
@@ -270,6 +271,8 @@ def _with_plan(rc: RequestConstraints, counts: np.ndarray, available: np.ndarray
     admit no list. A category the caller bounds over the whole list keeps the plan's bounds
     where the two ranges overlap (their intersection) and the caller's alone where they do
     not, which settles the usual conflict without a search."""
+    from genrerank.constraints import ConstraintSearchLimit, compile_constraints
+
     bounds: dict[int, tuple[int, int | None]] = {}
     for q in rc.cs.quotas:
         if q.attribute == CATEGORY and q.within is None and q.value is not None:
@@ -307,29 +310,28 @@ def plan_counts(log_probs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     lengths = lengths.to(device=log_probs.device, dtype=torch.long).clamp(0, k_max)
     lp = log_probs.float()
     neg = torch.tensor(float("-inf"), device=lp.device)
+    s = torch.arange(k_max + 1, device=lp.device)
+    k = torch.arange(width, device=lp.device)
+    prev_idx = (s.unsqueeze(1) - k).clamp_min(0)  # [S, K + 1]: s - k
+    valid = s.unsqueeze(1) >= k
     best = torch.full((b, k_max + 1), float("-inf"), device=lp.device)
     best[:, 0] = 0.0
-    # choice[c][b, s]: the count of category c in the best allocation of s items to 0..c.
+    # choices[c][b, s]: the count of category c in the best allocation of s items to 0..c.
     choices = []
     for cat in range(c):
         # total[b, s, k] = best[b, s - k] + lp[b, cat, k]
-        s = torch.arange(k_max + 1, device=lp.device)
-        prev_idx = (s.unsqueeze(1) - torch.arange(width, device=lp.device)).clamp_min(0)
-        valid = s.unsqueeze(1) >= torch.arange(width, device=lp.device)
-        prev = best[:, prev_idx]  # [B, S, K + 1]
-        total = torch.where(valid, prev + lp[:, cat].unsqueeze(1), neg)
+        total = torch.where(valid, best[:, prev_idx] + lp[:, cat].unsqueeze(1), neg)
         best, pick = total.max(dim=2)
         choices.append(pick)
     reachable = torch.isfinite(best)
-    s_idx = torch.arange(k_max + 1, device=lp.device)
-    target = torch.where(reachable & (s_idx <= lengths.unsqueeze(1)), s_idx, -1).max(1).values
+    target = torch.where(reachable & (s <= lengths.unsqueeze(1)), s, -1).max(1).values
     target = target.clamp_min(0)
     counts = torch.zeros(b, c, dtype=torch.long, device=lp.device)
     rows = torch.arange(b, device=lp.device)
     for cat in range(c - 1, -1, -1):
-        k = choices[cat][rows, target]
-        counts[:, cat] = k
-        target = target - k
+        pick = choices[cat][rows, target]
+        counts[:, cat] = pick
+        target = target - pick
     return counts
 
 
@@ -339,13 +341,16 @@ def skeleton_constraints(counts: Sequence[int] | np.ndarray, slack: int = 0,
 
     ``counts[c]`` is the planned number of items of category c. Each planned category gets
     ``Quota("category", c, min=k - slack, max=k + slack)``; with ``slack > 0`` every other
-    category in ``available`` (``available[c]`` = candidates of category c) gets at most
-    ``slack`` (with slack 0 the planned minimums fill the list, so they need no quota).
+    category with candidates in ``available`` (``available[c]`` = candidates of category c)
+    gets at most ``slack`` (with slack 0 the planned minimums fill the list, so they need no
+    quota).
 
     Feasibility, for a list of length L = sum(counts) (what :func:`plan_counts` returns): every
     minimum is clipped to the category's candidates when ``available`` is given, and the
     minimums sum to at most L; the maximums of the categories with candidates sum to at least L.
     """
+    from genrerank.constraints import ConstraintSet, Quota
+
     counts = np.asarray(counts, dtype=np.int64)
     if slack < 0:
         raise ValueError(f"skeleton_constraints: slack must be >= 0, got {slack}")
@@ -360,6 +365,6 @@ def skeleton_constraints(counts: Sequence[int] | np.ndarray, slack: int = 0,
             if have is not None:
                 low = min(low, have)
             quotas.append(Quota(CATEGORY, value=cat, min=low, max=k + slack))
-        elif slack > 0 and (have is None or have > 0) and avail is not None:
+        elif slack > 0 and have is not None and have > 0:
             quotas.append(Quota(CATEGORY, value=cat, min=0, max=slack))
     return ConstraintSet(quotas=tuple(quotas))
