@@ -507,6 +507,30 @@ def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | No
     run_quality_benchmark(quick=quick, out_dir=out_dir, seeds=seed_list, shared_data=shared_data)
 
 
+@bench.command("hierarchical")
+@click.option("--quick", is_flag=True, help="Small data and budget (a few minutes).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--datasets", default=None,
+              help="Comma-separated PRESET=REQUESTS (default kuaishou=20000,large=2000).")
+@_user_errors
+def bench_hierarchical(quick: bool, out_dir: Path, seeds: str, datasets: str | None) -> None:
+    """Hierarchical vs autoregressive vs nar4rec: oracle gain, headroom, entropy, latency."""
+    from genrerank.bench.hierarchical import HierarchicalSettings, run_hierarchical_benchmark
+
+    settings = HierarchicalSettings.quick() if quick else HierarchicalSettings()
+    if datasets:
+        try:
+            sizes = {k.strip(): int(v) for k, v in (d.split("=") for d in datasets.split(","))}
+        except ValueError:
+            raise click.BadParameter(f"{datasets!r}: expected PRESET=REQUESTS[,...]",
+                                     param_hint="--datasets") from None
+        settings.simulated = sizes
+    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    run_hierarchical_benchmark(quick, out_dir, seed_list, settings=settings)
+
+
 @bench.command("import")
 @click.option("--rows", type=click.IntRange(10), default=1_000_000, show_default=True,
               help="Impression rows of the synthetic CSV (10 per request).")
