@@ -1,6 +1,7 @@
 """Hierarchical generator: the skeleton stage ignores padding, the plan is the most likely one
-that fits, plans become feasible quotas, only high-utility lists teach the skeleton, and the
-model trains and evaluates end to end with its lists following the plan."""
+that fits (numpy and torch agree), plans become feasible quotas, only high-utility lists teach
+the skeleton, the model trains and evaluates end to end with its lists following the plan, and
+its ONNX export serves the lists PyTorch writes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from genrerank.constraints.skeleton import plan_counts_np
 from genrerank.data.dataset import Batch, RerankDataset, collate
 from genrerank.data.simulator import simulate_to_dir
 from genrerank.losses import build_loss
@@ -133,6 +135,53 @@ def test_plan_is_the_most_likely_allocation_of_the_list() -> None:
         assert (counts <= have).all(), trial
         got = float(lp[0].gather(1, counts[0].unsqueeze(1)).sum())
         assert got == pytest.approx(_brute_force(lp[0], length)), trial
+
+
+def _torch_dp(log_probs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The model's original torch dynamic programme, kept as the reference of the numpy one."""
+    b, c, width = log_probs.shape
+    k_max = width - 1
+    lengths = lengths.to(dtype=torch.long).clamp(0, k_max)
+    lp = log_probs.float()
+    neg = torch.tensor(float("-inf"))
+    s = torch.arange(k_max + 1)
+    k = torch.arange(width)
+    prev_idx = (s.unsqueeze(1) - k).clamp_min(0)
+    valid = s.unsqueeze(1) >= k
+    best = torch.full((b, k_max + 1), float("-inf"))
+    best[:, 0] = 0.0
+    choices = []
+    for cat in range(c):
+        total = torch.where(valid, best[:, prev_idx] + lp[:, cat].unsqueeze(1), neg)
+        best, pick = total.max(dim=2)
+        choices.append(pick)
+    target = torch.where(torch.isfinite(best) & (s <= lengths.unsqueeze(1)), s, -1).max(1).values
+    target = target.clamp_min(0)
+    counts = torch.zeros(b, c, dtype=torch.long)
+    rows = torch.arange(b)
+    for cat in range(c - 1, -1, -1):
+        pick = choices[cat][rows, target]
+        counts[:, cat] = pick
+        target = target - pick
+    return counts
+
+
+def test_numpy_and_torch_plans_agree_on_random_inputs() -> None:
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(30):
+        b, c, k = 8, int(torch.randint(1, 7, (1,), generator=gen)), 5
+        lp = torch.log_softmax(torch.randn(b, c, k + 1, generator=gen) * 3, dim=-1)
+        have = torch.randint(0, k + 1, (b, c), generator=gen)
+        lp = lp.masked_fill(torch.arange(k + 1) > have.unsqueeze(-1), float("-inf"))
+        # Lengths up to past what the candidates allow (the largest reachable total then).
+        lengths = torch.randint(0, k + 3, (b,), generator=gen)
+        ref = _torch_dp(lp, lengths)
+        got = plan_counts_np(lp.numpy(), lengths.numpy())
+        assert got.dtype == np.int64 and got.shape == (b, c)
+        assert np.array_equal(got, ref.numpy()), trial
+        assert torch.equal(plan_counts(lp, lengths), ref), trial
+        assert (got.sum(1) == np.minimum(lengths.clamp(max=k).numpy(),
+                                         have.sum(1).clamp(max=k).numpy())).all(), trial
 
 
 def test_plan_counts_sum_to_each_request_s_length(data: RerankDataset) -> None:
@@ -308,15 +357,27 @@ def test_the_caller_s_constraints_hold_and_the_plan_bends_to_them(
     assert torch.equal(got[0][planned], counts[0][planned])
 
 
-def test_train_then_evaluate(tmp_path: Path) -> None:
-    from genrerank.experiment import evaluate_run, train_run
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """``(simulated data, a trained run, its ONNX export)``; the export passed its parity
+    check (export_run raises otherwise)."""
+    from genrerank.experiment import train_run
     from genrerank.serving.export import export_run
 
-    sim = simulate_to_dir("kuaishou", 200, 2, tmp_path / "sim", progress=False)
-    run = tmp_path / "run"
+    root = tmp_path_factory.mktemp("hier_run")
+    sim = simulate_to_dir("kuaishou", 200, 2, root / "sim", progress=False)
+    run = root / "run"
     train_run("hierarchical", sim, run, overrides=(
         "train.epochs=1", "train.progress=false", "train.batch_size=64", "model.dim=16",
         "model.n_heads=2", "model.n_kv_heads=1"))
+    export_run(run, root / "onnx")
+    return sim, run, root / "onnx"
+
+
+def test_train_then_evaluate(trained: tuple[Path, Path, Path]) -> None:
+    from genrerank.experiment import evaluate_run
+
+    sim, run, _ = trained
     config = json.loads((run / "run_config.json").read_text())
     assert config["model"]["name"] == "hierarchical"
     assert [t["name"] for t in config["loss"]] == ["gain_bce", "click_bce", "skeleton"]
@@ -329,6 +390,106 @@ def test_train_then_evaluate(tmp_path: Path) -> None:
     for key in ("expected_gain", "headroom_captured", "category_entropy"):
         assert math.isfinite(online[key]), key
     assert online["upper_bound_expected_gain"] >= online["expected_gain"] - 1e-9
-    with pytest.raises(ValueError, match="hierarchical: ONNX export is not supported"):
-        export_run(run, tmp_path / "onnx", check=False)
-    assert not (tmp_path / "onnx").exists()
+
+
+def _onnx_inputs(onnx: object, batch: Batch) -> dict[str, np.ndarray]:
+    """The ONNX Runtime feeds of ``batch``, its item vectors from the exported item tower."""
+    flat = [t.flatten(0, 1).numpy() for t in (batch.item_cat, batch.item_dense, batch.item_hash)]
+    b, n = batch.candidate_mask.shape
+    static = onnx.item_embedding(*flat).reshape(b, n, -1)
+    return onnx.request_feeds(batch.user_cat.numpy(), batch.user_dense.numpy(), static,
+                              batch.upstream_score.numpy(), batch.candidate_mask.numpy(),
+                              batch.category.numpy(), context_cat=batch.context_cat.numpy(),
+                              context_dense=batch.context_dense.numpy())
+
+
+def test_onnx_export_writes_the_lists_pytorch_writes_under_the_plan(
+        trained: tuple[Path, Path, Path]) -> None:
+    from genrerank.constraints import ConstraintSet, Quota, constraints_for_batch
+    from genrerank.serving.export import load_manifest
+    from genrerank.serving.onnx_model import OnnxModel
+    from genrerank.training.checkpoint import load_model
+
+    sim, run, onnx_dir = trained
+    manifest = load_manifest(onnx_dir)
+    assert manifest["model_name"] == "hierarchical" and manifest["stepwise"]
+    assert set(manifest["graphs"]) == {"item_tower", "encoder", "step", "skeleton"}
+    assert manifest["parity"]["passed"] and "count_log_probs" in manifest["parity"][
+        "max_abs_diff"]
+    model, _ = load_model(run, "best")
+    model.eval()
+    assert manifest["skeleton"] == {"n_categories": model.n_categories,
+                                    "slack": model.config.slack,
+                                    "max_count": model.max_positions}
+    onnx = OnnxModel(onnx_dir)
+    ds = RerankDataset(sim, "test")
+    m = 6
+    batch = collate([shrink_request(ds[0], 4), *[ds[i] for i in range(1, 10)]])
+    feeds = _onnx_inputs(onnx, batch)
+    lengths = torch.minimum(batch.candidate_mask.sum(1), torch.tensor(m))
+    c = model.n_categories
+    counts, available = model.plan(batch, lengths)
+    got_counts, got_available = onnx.plan(onnx._run("encoder", feeds)[0], feeds, lengths.numpy())
+    assert np.array_equal(got_counts, counts.numpy())
+    assert np.array_equal(got_available, available.numpy())
+    assert (counts > 0).sum(1).max() > 1  # a real plan: several categories in one list
+    # Request constraints, one of them against request 1's most planned category.
+    banned = int(counts[1].argmax())
+    rules = ConstraintSet(quotas=(Quota("category", banned, max=0),))
+    checked = 0
+    for slack in (0, 1):
+        for cs in (None, rules):
+            rcs = None if cs is None else constraints_for_batch(cs, batch, m)
+            ref = model.generate(batch, m, "greedy", slack=slack, constraints=rcs)
+            got, _ = onnx.greedy(feeds, m, constraints=rcs, slack=slack)
+            assert np.array_equal(got, ref.numpy()), (slack, cs)
+            ref_beam = model.generate(batch, m, "beam", slack=slack, constraints=rcs,
+                                      beam_width=3, k=1).lists[:, 0]
+            got_beam, _ = onnx.beam(feeds, m, 3, constraints=rcs, slack=slack)
+            assert np.array_equal(got_beam, ref_beam.numpy()), (slack, cs)
+            for lists in (ref, ref_beam):
+                have = _list_counts(lists, batch, c)
+                for row in range(len(lists)):
+                    items = lists[row][lists[row] >= 0].tolist()
+                    assert len(items) == int(lengths[row]) == len(set(items))
+                    if rcs is not None:
+                        assert rcs[row].violations(lists[row].tolist()) == []
+                    if rcs is None or counts[row, banned] == 0:
+                        # No conflict with the rules: the planned quotas hold.
+                        assert ((have[row] - counts[row]).abs() <= slack).all(), (row, slack)
+                    checked += 1
+    assert checked == 2 * 2 * 2 * len(batch.candidate_mask)
+
+
+def test_the_onnx_service_serves_the_lists_of_the_pytorch_service(
+        trained: tuple[Path, Path, Path]) -> None:
+    """Through the runtime (``OnnxBackend.write_list``): the same items for the same requests,
+    with and without request constraints, by greedy and beam decoding."""
+    from genrerank.serving.runtime import load_reranker
+    from genrerank.serving.schema import RequestValidator, payload_from_dataset
+
+    sim, run, onnx_dir = trained
+    ds = RerankDataset(sim, "test")
+    torch_rr = load_reranker(run_dir=run, cache_size=0)
+    onnx_rr = load_reranker(onnx_dir=onnx_dir, cache_size=0)
+    assert onnx_rr.backend.onnx.skeleton is not None
+    validator = RequestValidator.for_service(onnx_rr)
+    for decode in ({"name": "greedy"}, {"name": "beam", "beam_width": 3}):
+        params = {k: v for k, v in decode.items() if k != "name"}
+        for service in (torch_rr, onnx_rr):
+            service.backend.decoder, service.backend.decoder_params = decode["name"], params
+        for i in range(4):
+            payload = payload_from_dataset(ds, i)
+            plain = validator.validate_python(payload)
+            got, ref = onnx_rr.rerank(plain), torch_rr.rerank(plain)
+            assert got.item_ids == ref.item_ids, (decode, i)
+            np.testing.assert_allclose(got.scores, ref.scores, atol=1e-4)
+            # Ban the category of the first served item: the rule holds on both backends.
+            cats = dict(zip(payload["candidates"]["ids"], payload["candidates"]["category"],
+                            strict=True))
+            banned = cats[ref.item_ids[0]]
+            ruled = validator.validate_python({**payload, "constraints": {
+                "quotas": [{"attribute": "category", "value": banned, "max": 0}]}})
+            got, ref = onnx_rr.rerank(ruled), torch_rr.rerank(ruled)
+            assert got.item_ids == ref.item_ids, (decode, i, "constrained")
+            assert all(cats[item] != banned for item in got.item_ids)

@@ -8,6 +8,8 @@ feasibility search, and the look-ahead masks every decoder applies.
   there.
 - :mod:`.batch`: :func:`constraints_for_batch`, and the decoders' shared steps
   (:func:`prepare_constraints`, :func:`allowed_mask`).
+- :mod:`.skeleton`: the hierarchical generator's plan (counts per category) -> category quotas
+  (:func:`plan_counts_np`, :func:`skeleton_constraints`, :func:`merge_plan`), numpy only.
 
 Every decoder takes ``constraints=constraints_for_batch(cs, batch, list_length)``::
 
@@ -30,6 +32,12 @@ from genrerank.constraints.compile import (
     InfeasibleConstraints,
     RequestConstraints,
     compile_constraints,
+)
+from genrerank.constraints.skeleton import (
+    merge_plan,
+    plan_constraints,
+    plan_counts_np,
+    skeleton_constraints,
 )
 from genrerank.constraints.spec import (
     ATTRIBUTES,
@@ -58,5 +66,9 @@ __all__ = [
     "constraints_for_batch",
     "constraints_from_config",
     "load_constraints",
+    "merge_plan",
+    "plan_constraints",
+    "plan_counts_np",
     "prepare_constraints",
+    "skeleton_constraints",
 ]

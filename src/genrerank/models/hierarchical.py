@@ -17,7 +17,14 @@ Reading order:
 3. **Plan -> constraints**: the most likely counts that sum to the list length (exact, by
    dynamic programming over categories, :func:`plan_counts`), turned into category quotas
    (:func:`skeleton_constraints`), under which the fill decodes
-   (``fill.generate(..., constraints=...)``).
+   (``fill.generate(..., constraints=...)``). This part is numpy and lives in
+   :mod:`genrerank.constraints.skeleton`, so that the ONNX Runtime backend plans with the
+   same code.
+
+Serving: ``genrerank export`` writes the fill's graphs (item tower, encoder, step) as for an
+autoregressive model plus a ``skeleton`` graph (the fill's encoded candidates ``memory``,
+``category``, ``candidate_mask`` -> ``count_logits``); the runtime plans and decodes under the
+plan outside the graphs (:mod:`genrerank.serving.onnx_model`).
 
 Why counts per category rather than a category per position: the gain of a list depends on the
 order of its categories (satiation, complementarity), which the fill decides better, item by
@@ -36,12 +43,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from genrerank.constraints.skeleton import (
+    CATEGORY,
+    merge_plan,
+    plan_constraints,
+    plan_counts_np,
+    plan_from_logits,
+    skeleton_constraints,
+)
 from genrerank.data.dataset import Batch
 from genrerank.data.schema import FeatureSpec
 from genrerank.decoding import DecodedLists
@@ -50,10 +65,11 @@ from genrerank.models.autoregressive import Autoregressive, AutoregressiveConfig
 from genrerank.models.base import RerankModel, make_config, register_model
 
 if TYPE_CHECKING:
-    from genrerank.constraints import ConstraintSet, RequestConstraints
+    from genrerank.constraints import RequestConstraints
 
-#: The attribute the skeleton's quotas constrain.
-CATEGORY = "category"
+# Re-exported: the plan's numpy half moved to genrerank.constraints.skeleton.
+__all__ = ["CATEGORY", "Hierarchical", "HierarchicalConfig", "HierarchicalOutput",
+           "merge_plan", "plan_counts", "plan_counts_np", "skeleton_constraints"]
 
 
 @dataclass
@@ -108,11 +124,6 @@ class HierarchicalOutput(ModelOutput):
 class Hierarchical(RerankModel):
     Config = HierarchicalConfig
     stepwise = True
-    #: Why ``genrerank export`` cannot write this model (serving has no skeleton stage and no
-    #: constraint masking in its step loop).
-    export_refusal: ClassVar[str] = (
-        "hierarchical: ONNX export is not supported (the skeleton stage and the constrained "
-        "fill have no serving graph); serve the run with the PyTorch backend")
 
     def __init__(self, spec: FeatureSpec, config: HierarchicalConfig) -> None:
         super().__init__(spec, config)
@@ -146,10 +157,9 @@ class Hierarchical(RerankModel):
 
     @property
     def layers(self) -> nn.ModuleList:
-        # The ONNX exporter reads a stepwise model's decoder layers before writing its step
-        # graph; this model has no single step graph, so that read refuses the export in one
-        # line (a ValueError, which the command line reports as such).
-        raise ValueError(self.export_refusal)
+        # The fill's decoder layers: the lists are written by the fill, so whatever reads a
+        # stepwise model's decoder layers (the ONNX exporter's step graph) reads those.
+        return self.fill.layers
 
     def item_embedding(self, item_cat: torch.Tensor, item_dense: torch.Tensor,
                        item_hash: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,12 +174,15 @@ class Hierarchical(RerankModel):
 
     # -- skeleton stage ------------------------------------------------------------------------
 
-    def skeleton(self, batch: Batch, x: torch.Tensor) -> HierarchicalOutput:
-        """Skeleton predictions from the encoded candidates ``x [B, N, d]`` (the fill's);
-        ``log_probs`` is left empty (the caller sets it)."""
-        cand = batch.candidate_mask
+    def count_logits(self, x: torch.Tensor, category: torch.Tensor,
+                     candidate_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``count_logits [B, C, K + 1]``, ``category_count [B, C]``, the category tokens
+        ``h [B, C, d]`` and ``present [B, C]`` from the encoded candidates ``x [B, N, d]``.
+        Only tensors in, so the exporter's ``skeleton`` graph is exactly this."""
+        cand = candidate_mask
         c = self.n_categories
-        member = (batch.category.clamp(0, c - 1).unsqueeze(-1)
+        member = (category.clamp(0, c - 1).unsqueeze(-1)
                   == torch.arange(c, device=x.device)) & cand.unsqueeze(-1)  # [B, N, C]
         memberf = member.to(x.dtype)
         count = member.sum(1)  # [B, C]
@@ -178,7 +191,9 @@ class Hierarchical(RerankModel):
         # Attention pool within each category: its best items matter more than its average.
         score = self.pool_score(x).squeeze(-1).unsqueeze(-1).expand_as(memberf)
         weight = torch.softmax(score.masked_fill(~member, float("-inf")), dim=1)
-        weight = torch.nan_to_num(weight, nan=0.0)  # absent categories: no candidate at all
+        # Absent categories (no candidate at all) softmax over nothing: NaN, zeroed here. A
+        # where rather than nan_to_num: the same numbers, and a plain ONNX Where.
+        weight = torch.where(member, weight, 0.0)
         pooled = torch.einsum("bnc,bnd->bcd", weight, x)
         real = cand.unsqueeze(-1).to(x.dtype)
         request = (x * real).sum(1) / real.sum(1).clamp_min(1.0)  # [B, d]
@@ -186,20 +201,30 @@ class Hierarchical(RerankModel):
             [mean, pooled, torch.log1p(count.to(x.dtype)).unsqueeze(-1)], dim=-1))
         tokens = tokens + self.category_embedding.weight + request.unsqueeze(1)
         # A request without candidates (batch padding) keeps one token unmasked: attention
-        # over nothing would give NaN.
-        keep = present.clone()
-        keep[:, 0] |= ~present.any(1)
+        # over nothing would give NaN. (Out of place, for the exporter.)
+        first = torch.arange(c, device=x.device) == 0
+        keep = present | (first & ~present.any(1, keepdim=True))
         h = self.category_norm(self.category_encoder(tokens, src_key_padding_mask=~keep))
         logits = self.count_head(h)  # [B, C, K + 1]
         k = torch.arange(logits.shape[-1], device=x.device)
         logits = logits.masked_fill(k > count.unsqueeze(-1), float("-inf"))
+        return logits, count, h, present
+
+    def skeleton(self, batch: Batch, x: torch.Tensor) -> HierarchicalOutput:
+        """Skeleton predictions from the encoded candidates ``x [B, N, d]`` (the fill's);
+        ``log_probs`` is left empty (the caller sets it)."""
+        cand = batch.candidate_mask
+        logits, count, h, present = self.count_logits(x, batch.category, cand)
         density = long_item = None
         if self.density_head is not None:
             presentf = present.unsqueeze(-1).to(x.dtype)
             summary = (h * presentf).sum(1) / presentf.sum(1).clamp_min(1.0)
             density = self.density_head(summary).squeeze(-1)
-            values = batch.item_dense[..., self.density_index]
-            long_item = ((values > self.density_threshold) & cand).to(x.dtype)
+            # A serving batch carries cached item embeddings, not the raw dense features: no
+            # long-item target then (it only feeds the training loss).
+            if batch.item_dense.shape[-1] > self.density_index:
+                values = batch.item_dense[..., self.density_index]
+                long_item = ((values > self.density_threshold) & cand).to(x.dtype)
         return HierarchicalOutput(log_probs=x.new_zeros(0), count_logits=logits,
                                   category_count=count, density_logit=density,
                                   long_item=long_item)
@@ -219,11 +244,13 @@ class Hierarchical(RerankModel):
         was_training = self.training
         self.eval()
         try:
-            plan = self.skeleton(batch, self.fill.encode(batch))
+            x = self.fill.encode(batch)
+            logits, count, _, _ = self.count_logits(x, batch.category, batch.candidate_mask)
         finally:
             self.train(was_training)
-        counts = plan_counts(torch.log_softmax(plan.count_logits, dim=-1), lengths)
-        return counts, plan.category_count
+        # The numpy plan, as the ONNX Runtime backend computes it from its count_logits.
+        counts = plan_from_logits(logits.float().cpu().numpy(), lengths.cpu().numpy())
+        return torch.from_numpy(counts).to(count.device), count
 
     # -- decoding ---------------------------------------------------------------------------------
 
@@ -239,7 +266,8 @@ class Hierarchical(RerankModel):
         ``constraints`` (:func:`~genrerank.constraints.constraints_for_batch`) are rules and
         the plan is advice: a category both bound keeps the intersection of the two ranges, or
         the caller's range where they do not overlap, and a request whose rules admit no list
-        with the plan is decoded under its rules alone (:func:`_with_plan`)."""
+        with the plan is decoded under its rules alone
+        (:func:`~genrerank.constraints.skeleton.merge_plan`)."""
         slack = self.config.slack if slack is None else int(slack)
         if slack < -1:
             raise ValueError(f"hierarchical: slack must be >= -1, got {slack}")
@@ -247,124 +275,22 @@ class Hierarchical(RerankModel):
             if constraints is not None:
                 params["constraints"] = constraints
             return self.fill.generate(batch, list_length, decoder, **params)
-        from genrerank.constraints import constraints_for_batch
-
         lengths, _ = self.fill._lengths(batch, list_length)  # at most the real candidates
         counts, available = (t.cpu().numpy() for t in self.plan(batch, lengths))
-        sets = [skeleton_constraints(k, slack, a) for k, a in zip(counts, available, strict=True)]
-        planned = constraints_for_batch(sets, batch, lengths)
-        if constraints is not None:
-            if len(constraints) != batch.batch_size:
-                raise ValueError(f"constraints: {len(constraints)} entries for a batch of "
-                                 f"{batch.batch_size} requests")
-            category = batch.category.cpu().numpy()
-            planned = [
-                mine if rc is None else _with_plan(rc, counts[r], available[r], slack,
-                                                   int(lengths[r]), category[r])
-                for r, (rc, mine) in enumerate(zip(constraints, planned, strict=True))]
+        # The same function the ONNX Runtime backend calls: both decode under the same sets.
+        planned = plan_constraints(
+            counts, available, batch.category.cpu().numpy(), batch.candidate_mask.cpu().numpy(),
+            lengths.cpu().numpy(), slack, constraints,
+            request_ids=[f"row {int(i)}" for i in batch.request_index.tolist()])
         return self.fill.generate(batch, list_length, decoder, constraints=planned, **params)
 
 
-def _with_plan(rc: RequestConstraints, counts: np.ndarray, available: np.ndarray, slack: int,
-               length: int, category: np.ndarray) -> RequestConstraints:
-    """The caller's constraints ``rc`` plus the plan's quotas; ``rc`` alone when together they
-    admit no list. A category the caller bounds over the whole list keeps the plan's bounds
-    where the two ranges overlap (their intersection) and the caller's alone where they do
-    not, which settles the usual conflict without a search."""
-    from genrerank.constraints import ConstraintSearchLimit, compile_constraints
-
-    bounds: dict[int, tuple[int, int | None]] = {}
-    for q in rc.cs.quotas:
-        if q.attribute == CATEGORY and q.within is None and q.value is not None:
-            low, high = bounds.get(q.value, (0, None))
-            if q.max is not None:
-                high = q.max if high is None else min(high, q.max)
-            bounds[q.value] = (max(low, q.min), high)
-    plan = []
-    for q in skeleton_constraints(counts, slack, available).quotas:
-        if q.value in bounds:
-            low, high = bounds[q.value]
-            low, high = max(low, q.min), q.max if high is None else min(high, q.max)
-            if high is not None and low > high:
-                continue  # the ranges are disjoint: the caller's rule alone
-            q = dataclasses.replace(q, min=low, max=high)
-        plan.append(q)
-    merged = dataclasses.replace(rc.cs, quotas=(*rc.cs.quotas, *plan))
-    compiled = compile_constraints(
-        merged, category=category, creator=rc.creator, is_cold_start=rc.cold,
-        is_long_tail=rc.tail, item_ids=rc.item_ids, candidate_mask=rc.real,
-        list_length=length, request_id=rc.request_id, max_nodes=rc.max_nodes)
-    try:
-        return compiled if compiled.feasible() else rc
-    except ConstraintSearchLimit:  # undecided within the budget: the rules alone
-        return rc
-
 
 def plan_counts(log_probs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The most likely counts ``[B, C]`` under independent per-category distributions
-    ``log_probs [B, C, K + 1]`` (-inf = impossible) that sum to ``lengths [B]``: exact, by
-    dynamic programming over the categories (O(C K^2) per request). A length no counts can
-    reach (fewer candidates than it) takes the largest reachable total."""
-    b, c, width = log_probs.shape
-    k_max = width - 1
-    lengths = lengths.to(device=log_probs.device, dtype=torch.long).clamp(0, k_max)
-    lp = log_probs.float()
-    neg = torch.tensor(float("-inf"), device=lp.device)
-    s = torch.arange(k_max + 1, device=lp.device)
-    k = torch.arange(width, device=lp.device)
-    prev_idx = (s.unsqueeze(1) - k).clamp_min(0)  # [S, K + 1]: s - k
-    valid = s.unsqueeze(1) >= k
-    best = torch.full((b, k_max + 1), float("-inf"), device=lp.device)
-    best[:, 0] = 0.0
-    # choices[c][b, s]: the count of category c in the best allocation of s items to 0..c.
-    choices = []
-    for cat in range(c):
-        # total[b, s, k] = best[b, s - k] + lp[b, cat, k]
-        total = torch.where(valid, best[:, prev_idx] + lp[:, cat].unsqueeze(1), neg)
-        best, pick = total.max(dim=2)
-        choices.append(pick)
-    reachable = torch.isfinite(best)
-    target = torch.where(reachable & (s <= lengths.unsqueeze(1)), s, -1).max(1).values
-    target = target.clamp_min(0)
-    counts = torch.zeros(b, c, dtype=torch.long, device=lp.device)
-    rows = torch.arange(b, device=lp.device)
-    for cat in range(c - 1, -1, -1):
-        pick = choices[cat][rows, target]
-        counts[:, cat] = pick
-        target = target - pick
-    return counts
-
-
-def skeleton_constraints(counts: Sequence[int] | np.ndarray, slack: int = 0,
-                         available: Sequence[int] | np.ndarray | None = None) -> ConstraintSet:
-    """A :class:`genrerank.constraints.ConstraintSet` of category quotas from a plan.
-
-    ``counts[c]`` is the planned number of items of category c. Each planned category gets
-    ``Quota("category", c, min=k - slack, max=k + slack)``; with ``slack > 0`` every other
-    category with candidates in ``available`` (``available[c]`` = candidates of category c)
-    gets at most ``slack`` (with slack 0 the planned minimums fill the list, so they need no
-    quota).
-
-    Feasibility, for a list of length L = sum(counts) (what :func:`plan_counts` returns): every
-    minimum is clipped to the category's candidates when ``available`` is given, and the
-    minimums sum to at most L; the maximums of the categories with candidates sum to at least L.
-    """
-    from genrerank.constraints import ConstraintSet, Quota
-
-    counts = np.asarray(counts, dtype=np.int64)
-    if slack < 0:
-        raise ValueError(f"skeleton_constraints: slack must be >= 0, got {slack}")
-    if (counts < 0).any():
-        raise ValueError("skeleton_constraints: counts must be >= 0")
-    avail = None if available is None else np.asarray(available, dtype=np.int64)
-    quotas = []
-    for cat, k in enumerate(counts.tolist()):
-        have = None if avail is None else int(avail[cat])
-        if k > 0:
-            low = max(k - slack, 0)
-            if have is not None:
-                low = min(low, have)
-            quotas.append(Quota(CATEGORY, value=cat, min=low, max=k + slack))
-        elif slack > 0 and have is not None and have > 0:
-            quotas.append(Quota(CATEGORY, value=cat, min=0, max=slack))
-    return ConstraintSet(quotas=tuple(quotas))
+    """:func:`~genrerank.constraints.skeleton.plan_counts_np` on tensors: the most likely
+    counts ``[B, C]`` under ``log_probs [B, C, K + 1]`` (-inf = impossible) that sum to
+    ``lengths [B]`` (exact dynamic programming). One implementation for both backends, so an
+    export plans exactly as the model does."""
+    counts = plan_counts_np(log_probs.detach().float().cpu().numpy(),
+                            lengths.detach().cpu().numpy())
+    return torch.from_numpy(counts).to(log_probs.device)

@@ -24,6 +24,14 @@ Serving splits every model in two graphs, so that the item side can be cached
     (``past_key_i / past_value_i [R, n_kv_heads, t, head_dim]`` in, ``present_*`` with t + 1
     out), so decoding runs step by step outside the graph with the cache in ONNX Runtime.
 
+``encoder.onnx`` + ``step.onnx`` + ``skeleton.onnx`` (the hierarchical model)
+    its fill's encoder and step graphs, exactly as for the autoregressive model, plus the
+    skeleton stage: ``memory [B, N, d]`` (the encoder's output), ``category [B, N]``,
+    ``candidate_mask [B, N] bool -> count_logits [B, C, K + 1]``. The plan (most likely counts,
+    category quotas, merged with the request's constraints) is numpy outside the graphs
+    (:mod:`genrerank.constraints.skeleton`); ``skeleton`` in the manifest records
+    ``n_categories`` and the config's ``slack``.
+
 Batch, candidates, list length, lists and cache length are dynamic axes. ``manifest.json``
 records the model, its version, feature spec, decoder, graphs and the parity check: every graph
 is run on a fixed set of synthetic requests (ragged, with padding) and compared with PyTorch
@@ -350,6 +358,21 @@ class AREncoderGraph(nn.Module):
         return (x, keys, log_probs, *flat)
 
 
+class SkeletonGraph(nn.Module):
+    """The hierarchical model's skeleton stage: the fill's encoded candidates ``memory``
+    (the encoder graph's first output, so serving encodes once), ``category`` and
+    ``candidate_mask`` -> ``count_logits [B, C, K + 1]`` (-inf above a category's
+    candidates)."""
+
+    def __init__(self, model: RerankModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, memory: torch.Tensor, category: torch.Tensor,
+                candidate_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.count_logits(memory, category, candidate_mask)[0]
+
+
 class ARStepGraph(nn.Module):
     """One more position: ``previous [R]`` (index chosen last), ``position [1]`` (its index t),
     ``chosen [R, N]`` (already in the list), ``category [R, N]`` and ``context [R, N]`` (the
@@ -431,10 +454,29 @@ def _request_args(model: RerankModel, req: dict[str, torch.Tensor]) -> tuple[tor
             static, req["upstream_score"], req["candidate_mask"], req["category"])
 
 
+def _is_hierarchical(model: RerankModel) -> bool:
+    # By registry name: importing the model class here would tie the export module (which
+    # serving imports) to one model file.
+    return model.name == "hierarchical"
+
+
+def _skeleton_info(model: RerankModel) -> dict[str, Any] | None:
+    """What the runtime needs to plan a hierarchical model's lists (None for other models)."""
+    if not _is_hierarchical(model):
+        return None
+    return {"n_categories": int(model.n_categories), "slack": int(model.config.slack),
+            "max_count": int(model.max_positions)}
+
+
 def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tensor]
                    ) -> dict[str, Any]:
     """Write the model's graphs into ``out``; returns {graph: {inputs, outputs}}."""
     graphs: dict[str, Any] = {}
+    skeleton = None
+    if _is_hierarchical(model):
+        # The lists are the fill's (an autoregressive model): its graphs, then the skeleton's.
+        skeleton = SkeletonGraph(model)
+        model = model.fill
     tower_args = (example["item_cat"].flatten(0, 1), example["item_dense"].flatten(0, 1),
                   example["item_hash"].flatten(0, 1))
     names = (["item_cat", "item_dense", "item_hash"], ["item_static"])
@@ -494,6 +536,13 @@ def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tenso
                        *mem_kv, *cache),
                 out / "step.onnx", step_in, step_out, axes)
         graphs["step"] = {"file": "step.onnx", "inputs": step_in, "outputs": step_out}
+        if skeleton is not None:
+            names = (["memory", "category", "candidate_mask"], ["count_logits"])
+            _export(skeleton, (x, category, mask), out / "skeleton.onnx", *names,
+                    {"memory": {0: "batch", 1: "n"}, "category": {0: "batch", 1: "n"},
+                     "candidate_mask": {0: "batch", 1: "n"}})
+            graphs["skeleton"] = {"file": "skeleton.onnx", "inputs": names[0],
+                                  "outputs": names[1]}
     else:
         names = ([*REQUEST_INPUTS, "position_mask"], ["log_probs", "click_logits", "item_repr"])
         _export(MatrixGraph(model), (*args, example["position_mask"]), out / "model.onnx",
@@ -568,6 +617,8 @@ def export_run(
                 None if getattr(model, "list_context", None) is None or model.stepwise
                 else {"pair": model.list_context.pair.detach().tolist(),
                       "decay": float(model.list_context.decay.detach())}),
+            # The hierarchical model's planning parameters (n_categories, slack), else None.
+            "skeleton": _skeleton_info(model),
             "source_run": str(run_dir.resolve()),
             "opset": OPSET,
             "graphs": graphs,

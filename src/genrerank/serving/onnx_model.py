@@ -7,7 +7,10 @@ the cores (the tail latency of a prototype jumped from ~1 ms to 11 ms with spinn
 
 Lists are decoded the same way as in PyTorch: matrix models' log-probabilities go through the
 run's decoder from :mod:`genrerank.decoding`; the autoregressive model is decoded step by step
-with its KV cache living in ONNX Runtime tensors (greedy or beam search).
+with its KV cache living in ONNX Runtime tensors (greedy or beam search). The hierarchical
+model decodes the same way under its plan: the ``skeleton`` graph reads the encoder's output,
+and the counts, quotas and their merge with the request's constraints come from
+:mod:`genrerank.constraints.skeleton`, the code the PyTorch model runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ import numpy as np
 import torch
 
 from genrerank.constraints.batch import allowed_mask, prepare_constraints
+from genrerank.constraints.skeleton import (
+    category_counts_np,
+    plan_constraints,
+    plan_from_logits,
+)
 from genrerank.data.schema import FeatureSpec
 from genrerank.serving.export import load_manifest, verified_files
 
@@ -77,6 +85,11 @@ class OnnxModel:
         if self.stepwise:
             self.step_inputs = self.inputs["step"]
             self.n_layers = sum(1 for n in self.step_inputs if n.startswith("past_key_"))
+        #: The hierarchical model's planning parameters (``n_categories``, ``slack``), or None.
+        self.skeleton: dict[str, Any] | None = self.manifest.get("skeleton")
+        if self.skeleton is not None and "skeleton" not in self.sessions:
+            raise ValueError(f"{onnx_dir}: the manifest plans with a skeleton stage but has "
+                             "no skeleton graph; re-export the run")
 
     # ------------------------------------------------------------------ graphs
 
@@ -151,6 +164,36 @@ class OnnxModel:
             state[f"memory_key_{i}"], state[f"memory_value_{i}"] = out[3 + 2 * i], out[4 + 2 * i]
         return state, out[2], list(out[3 + k:])
 
+    def plan(self, memory: np.ndarray, feeds: dict[str, np.ndarray], lengths: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The hierarchical model's plan: ``[B, C]`` counts per category summing to
+        ``lengths [B]``, and ``[B, C]`` the candidates of each category, from the encoder's
+        ``memory`` (what ``Hierarchical.plan`` computes in PyTorch)."""
+        if self.skeleton is None:
+            raise ValueError(f"model {self.name!r} has no skeleton stage to plan with")
+        logits = self._run("skeleton", {"memory": memory, "category": feeds["category"],
+                                        "candidate_mask": feeds["candidate_mask"]})[0]
+        available = category_counts_np(feeds["category"], feeds["candidate_mask"],
+                                       int(self.skeleton["n_categories"]))
+        return plan_from_logits(logits, lengths), available
+
+    def _planned(self, memory: np.ndarray, feeds: dict[str, np.ndarray], lengths: np.ndarray,
+                 constraints: Sequence[RequestConstraints | None] | None, slack: int | None
+                 ) -> Sequence[RequestConstraints | None] | None:
+        """The constraints a hierarchical export decodes under: the plan's quotas merged with
+        the request's ``constraints``, as ``Hierarchical.generate`` does (``slack`` overrides
+        the exported config's; -1 = no plan). Other exports: ``constraints`` unchanged."""
+        if self.skeleton is None:
+            return constraints
+        slack = int(self.skeleton.get("slack", 0)) if slack is None else int(slack)
+        if slack < -1:
+            raise ValueError(f"hierarchical: slack must be >= -1, got {slack}")
+        if slack == -1:  # the fill alone (an ablation)
+            return constraints
+        counts, available = self.plan(memory, feeds, lengths)
+        return plan_constraints(counts, available, feeds["category"], feeds["candidate_mask"],
+                                lengths, slack, constraints)
+
     def _step(self, state: dict[str, np.ndarray], cache: list[np.ndarray], previous: np.ndarray,
               position: int, chosen: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = dict(state)
@@ -165,16 +208,18 @@ class OnnxModel:
         return out[0], list(out[1:1 + 2 * self.n_layers])
 
     def greedy(self, feeds: dict[str, np.ndarray], m: int,
-               constraints: Sequence[RequestConstraints | None] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               constraints: Sequence[RequestConstraints | None] | None = None,
+               slack: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Greedy lists ``[B, m]`` (-1 past a request's candidates) and the log-probability of
         each choice ``[B, m]``. ``constraints`` (one per request): each step picks among the
-        candidates they allow, as the PyTorch model does."""
+        candidates they allow, as the PyTorch model does. A hierarchical export also follows
+        its plan (``slack`` as in ``Hierarchical.generate``; None = the exported config's)."""
         state, log_probs, cache = self._start(feeds)
         mask = feeds["candidate_mask"]
         b = mask.shape[0]
         rows = np.arange(b)
         lengths = np.minimum(mask.sum(1), m)
+        constraints = self._planned(state["memory"], feeds, lengths, constraints, slack)
         rcs = prepare_constraints(constraints, torch.from_numpy(lengths), torch.from_numpy(mask))
         lists = np.full((b, m), -1, dtype=np.int64)
         picked_lp = np.zeros((b, m), dtype=np.float32)
@@ -195,19 +240,20 @@ class OnnxModel:
         return lists, picked_lp
 
     def beam(self, feeds: dict[str, np.ndarray], m: int, beam_width: int,
-             constraints: Sequence[RequestConstraints | None] | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+             constraints: Sequence[RequestConstraints | None] | None = None,
+             slack: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Beam search, the same algorithm as ``Autoregressive._beam``: the best list per
         request ``[B, m]`` and the log-probability of each of its choices; ``constraints``
-        as in :meth:`greedy`, for every live beam."""
+        and ``slack`` as in :meth:`greedy`, for every live beam."""
         b = feeds["candidate_mask"].shape[0]
         w = beam_width
         rep = np.repeat(np.arange(b), w)
         state, log_probs, cache = self._start(feeds)
+        lengths = np.minimum(feeds["candidate_mask"].sum(1), m)
+        constraints = self._planned(state["memory"], feeds, lengths, constraints, slack)
         state = {k: v[rep] for k, v in state.items()}
         cache = [c[rep] for c in cache]
         log_probs = log_probs[rep]
-        lengths = np.minimum(feeds["candidate_mask"].sum(1), m)
         rcs = prepare_constraints(constraints, torch.from_numpy(lengths),
                                   torch.from_numpy(feeds["candidate_mask"]))
         row_lengths = np.repeat(lengths, w)

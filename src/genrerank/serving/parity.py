@@ -34,6 +34,21 @@ def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a[fa] - b[fb]).max()) if fa.any() else 0.0
 
 
+def _skeleton_diff(model: RerankModel, onnx: OnnxModel, batch: Any,
+                   feeds: dict[str, np.ndarray]) -> float:
+    """Max difference of the skeleton's count log-probabilities (what the plan reads; the
+    logits of an absent category's one possible class are arbitrary, its log-probability is
+    0 in both)."""
+    from genrerank.constraints.skeleton import log_softmax_np
+
+    x = model.fill.encode(batch)
+    ref = torch.log_softmax(model.count_logits(x, batch.category, batch.candidate_mask)[0], -1)
+    memory = onnx._run("encoder", feeds)[0]
+    got = onnx._run("skeleton", {"memory": memory, "category": feeds["category"],
+                                 "candidate_mask": feeds["candidate_mask"]})[0]
+    return _finite_max_diff(log_softmax_np(got), ref.numpy())
+
+
 def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, Any],
                  sizes: list[int] | None = None, seed: int = 1, int8: bool = False
                  ) -> dict[str, Any]:
@@ -67,8 +82,13 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
             diffs["scores"] = _finite_max_diff(got, ref.numpy())
             lists_identical = bool((got.argmax(1) == ref.numpy().argmax(1)).all())
         elif model.stepwise:
-            ref_lists = model.generate(batch, m, "greedy")
-            got_lists, got_lp = onnx.greedy(feeds, m)
+            name, params = decoder_config(manifest.get("decode") or {})
+            # A hierarchical model plans first: its lists follow the plan at the run's slack.
+            plan = {} if onnx.skeleton is None else {"slack": params.get("slack")}
+            if onnx.skeleton is not None:
+                diffs["count_log_probs"] = _skeleton_diff(model, onnx, batch, feeds)
+            ref_lists = model.generate(batch, m, "greedy", **plan)
+            got_lists, got_lp = onnx.greedy(feeds, m, **plan)
             lists_identical = bool(np.array_equal(got_lists, ref_lists.numpy()))
             # Log-probabilities of the same choices under teacher forcing in PyTorch.
             forced = make_batch(req["user_cat"], req["user_dense"], static,
@@ -79,11 +99,11 @@ def check_parity(model: RerankModel, onnx_dir: str | Path, manifest: dict[str, A
             ref_lp = lp.gather(1, forced.exposed.unsqueeze(1)).squeeze(1)
             ref_lp = torch.where(ref_lists >= 0, ref_lp, 0.0)
             diffs["step_log_probs"] = _finite_max_diff(got_lp, ref_lp.numpy())
-            name, params = decoder_config(manifest.get("decode") or {})
             if name == "beam":
                 width = int(params.get("beam_width", 4))
-                ref_beam = best_lists(model.generate(batch, m, "beam", beam_width=width, k=1))
-                got_beam, _ = onnx.beam(feeds, m, width)
+                ref_beam = best_lists(model.generate(batch, m, "beam", beam_width=width, k=1,
+                                                     **plan))
+                got_beam, _ = onnx.beam(feeds, m, width, **plan)
                 lists_identical = lists_identical and bool(np.array_equal(got_beam, ref_beam))
         else:
             out = model(batch)

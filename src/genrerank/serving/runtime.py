@@ -173,12 +173,15 @@ class OnnxBackend:
                                         context_dense=inp.context_dense[None])
         rcs = None if inp.constraints is None else [inp.constraints]
         if self.onnx.stepwise:
+            # A hierarchical export plans inside greedy / beam (its skeleton graph, then the
+            # plan's quotas merged with ``rcs``), at the run's decode slack if it sets one.
+            slack = self.decoder_params.get("slack")
             if self.decoder == "beam":
                 lists, lp = self.onnx.beam(feeds, inp.m,
                                            int(self.decoder_params.get("beam_width", 4)),
-                                           constraints=rcs)
+                                           constraints=rcs, slack=slack)
             else:
-                lists, lp = self.onnx.greedy(feeds, inp.m, constraints=rcs)
+                lists, lp = self.onnx.greedy(feeds, inp.m, constraints=rcs, slack=slack)
             timings["model"] = _ms(start)
             return lists[0], np.exp(lp[0])
         log_probs, _, item_repr = self.onnx.matrix(feeds, inp.m)
