@@ -3,8 +3,6 @@ look-ahead masks against a brute-force enumerator, the conflict explanations."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -227,14 +225,13 @@ def test_feasibility_and_look_ahead_match_brute_force_enumeration() -> None:
     assert feasible > CASES and infeasible > CASES // 4  # both sides are exercised
 
 
-def test_typical_request_costs_about_a_millisecond_per_step() -> None:
+def test_typical_request_needs_few_search_nodes() -> None:
     """n = 60, m = 6, a cap, a windowed cold-start minimum and a category maximum: the whole
-    constrained greedy walk (feasibility + 6 look-ahead steps) of 20 requests, in CPU time.
-    The bound is loose (shared CI machines); the measured figure is in the module docs."""
+    constrained greedy walk (feasibility + 6 look-ahead steps) of 20 requests expands few
+    search states (the time per step is measured by the benchmarks, not here)."""
     rng = np.random.default_rng(3)
     cs = ConstraintSet(quotas=(Quota("cold_start", min=1, within=3), Quota("category", 0, max=2)),
                        max_per_creator=2)
-    start = time.process_time()
     for _ in range(20):
         req = Request(rng.integers(0, 20, 60), rng.integers(0, 30, 60), rng.random(60) < 0.1,
                       rng.random(60) < 0.3, np.ones(60, bool), [f"v{i}" for i in range(60)], 6)
@@ -244,4 +241,39 @@ def test_typical_request_costs_about_a_millisecond_per_step() -> None:
         for _ in range(6):
             prefix.append(int(np.where(rc.allowed(prefix), scores, -np.inf).argmax()))
         assert rc.violations(prefix) == []
-    assert (time.process_time() - start) / (20 * 7) < 0.02
+        assert rc._nodes < 50  # 6 measured
+
+
+def test_cover_bound_of_disjoint_quotas_is_exact_without_search() -> None:
+    """Quotas on distinct categories (a hierarchical plan) match disjoint sets: the fewest
+    items meeting the deficits is their sum, found without the breadth-first search (which
+    took seconds per step at n = 500, m = 50 with 20 planned categories)."""
+    rc = _req(6, category=[0, 1, 2, 0, 1, 2]).compile(ConstraintSet(quotas=(
+        Quota("category", 0, min=1), Quota("category", 1, min=1))))
+    assert rc._min_cover((2, 1, 3), frozenset({0b001, 0b110})) == 2 + 3
+    assert rc._min_cover((2, 0, 3), frozenset({0b001, 0b010})) >= 1 << 40  # bit 2: no item
+    # Overlapping patterns still go through the search: one item of 0b011 meets both.
+    assert rc._min_cover((1, 1), frozenset({0b01, 0b10, 0b11})) == 1
+
+
+def test_a_plan_of_many_category_quotas_decodes_a_long_list() -> None:
+    """n = 500, m = 50, exact counts for 20 categories (what the hierarchical model asks):
+    every look-ahead step answers, and the greedy walk meets the plan exactly."""
+    rng = np.random.default_rng(5)
+    category = rng.integers(0, 20, 500)
+    counts = np.minimum(rng.multinomial(50, np.full(20, 0.05)), np.bincount(category,
+                                                                            minlength=20))
+    while counts.sum() < 50:
+        c = int(rng.integers(20))
+        counts[c] += counts[c] < (category == c).sum()
+    cs = ConstraintSet(quotas=tuple(Quota("category", c, min=int(k), max=int(k))
+                                    for c, k in enumerate(counts) if k))
+    rc = compile_constraints(cs, category=category, creator=None, is_cold_start=None,
+                             is_long_tail=None, item_ids=None,
+                             candidate_mask=np.ones(500, bool), list_length=50)
+    scores = rng.standard_normal(500)
+    prefix: list[int] = []
+    for _ in range(50):
+        prefix.append(int(np.where(rc.allowed(prefix), scores, -np.inf).argmax()))
+    assert rc.violations(prefix) == []
+    assert np.array_equal(np.bincount(category[prefix], minlength=20), counts)

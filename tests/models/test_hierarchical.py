@@ -192,6 +192,26 @@ def test_plan_counts_sum_to_each_request_s_length(data: RerankDataset) -> None:
     assert (counts <= available).all()
 
 
+def test_plan_method_expected_or_map(data: RerankDataset) -> None:
+    batch = collate([data[i] for i in range(6)])
+    lengths = torch.full((6,), 6)
+    for method in ("expected", "map"):
+        model = _model(data, plan=method)
+        counts, _ = model.plan(batch, lengths)
+        logits = model.count_logits(model.fill.encode(batch), batch.category,
+                                    batch.candidate_mask)[0]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        if method == "map":
+            assert torch.equal(counts, plan_counts(log_probs, lengths))
+        else:  # each count within one item of the expected count rescaled to the length
+            expected = (log_probs.exp() * torch.arange(logits.shape[-1])).sum(-1)
+            target = expected * 6 / expected.sum(1, keepdim=True)
+            assert ((counts - target).abs() < 1 + 1e-6).all()
+        assert counts.sum(1).tolist() == [6] * 6
+    with pytest.raises(ValueError, match="plan must be one of"):
+        _model(data, plan="mode")
+
+
 # -- plan -> constraints -----------------------------------------------------------------------
 
 

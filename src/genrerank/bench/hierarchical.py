@@ -3,8 +3,9 @@
 What runs, on the simulator (the oracle scores every list; nothing here reads the test split
 before reporting):
 
-- Data sets: ``kuaishou`` (n = 60, m = 6) and ``large`` (n = 500, m = 50), simulated with data
-  seed ``SIM_DATA_SEED + seed`` as in the quality benchmark.
+- Data sets: ``kuaishou`` (n = 60, m = 6, 20,000 requests) and ``large`` (n = 500, m = 50,
+  1,000 requests, at most 5 epochs: its epochs are costly on 2 cores), simulated with data seed
+  ``SIM_DATA_SEED + seed`` as in the quality benchmark.
 - Trained models, each from its packaged config with the quality benchmark's budget (same max
   epochs, patience, batch size and width, ``train.seed = seed``), early-stopped and selected on
   the valid split, their ``"auto"`` decoding resolved on valid: ``autoregressive``,
@@ -22,6 +23,7 @@ Outputs ``hierarchical.{json,md,png}`` (``hierarchical_quick.*`` in quick mode).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import shutil
@@ -63,8 +65,11 @@ class HierarchicalSettings:
     """Sizes and budget of one run; the trainer budget is the quality benchmark's."""
 
     simulated: dict[str, int] = field(
-        default_factory=lambda: {"kuaishou": 20_000, "large": 2_000})
+        default_factory=lambda: {"kuaishou": 20_000, "large": 1_000})
     budget: QualitySettings = field(default_factory=QualitySettings)
+    #: Per data set, a lower cap on the epochs than the budget's: an epoch of ``large``
+    #: (n = 500, m = 50) costs about 30 of kuaishou's per request on 2 cores.
+    max_epochs: dict[str, int] = field(default_factory=lambda: {"large": 5})
     #: Upper-bound beam width of the oracle reference (the headroom's top), per data set: a
     #: beam over 500 candidates x 50 positions is the slowest part of ``large``.
     upper_bound_beam_width: dict[str, int] = field(
@@ -129,8 +134,12 @@ def run_dataset(preset: str, n_requests: int, seeds: Sequence[int], work: Path,
         for name in TRAINED:
             run_dir = work / "runs" / preset / f"seed{seed}" / name
             t0 = time.perf_counter()
+            budget = settings.budget
+            if preset in settings.max_epochs:
+                budget = dataclasses.replace(
+                    budget, epochs=min(budget.epochs, settings.max_epochs[preset]))
             best = train_run(name, data_dir, run_dir, overwrite=True,
-                             overrides=budget_overrides(settings.budget, name, seed))
+                             overrides=budget_overrides(budget, name, seed))
             train_s = time.perf_counter() - t0
             model, _ = load_model(run_dir, "best")
             decoder, params, chosen = _read_decoding(run_dir)
@@ -203,25 +212,26 @@ def render_markdown(result: Mapping[str, Any]) -> str:
              f"{result['machine']['cpu_count']} CPU(s). Test split; mean ± std over the seeds. "
              "Command: `genrerank bench hierarchical"
              f"{' --quick' if result['quick'] else ''}`.", "",
-             "Latency: median ms to write one list at batch 1 with the row's decoder (PyTorch); "
-             "compare rows of one run only.", ""]
+             "Latency: median ms to write one list at batch 1 with the row's decoder (PyTorch, "
+             f"{result.get('torch_threads')} thread(s)); compare rows of one run only.", ""]
     for preset, ds in result["datasets"].items():
         lines += [f"## {preset} ({ds['requests']} requests; headroom's upper bound: beam "
                   f"width {ds.get('upper_bound_beam_width')})", ""]
+        header = ["list", "decoder", "expected gain", "headroom", "category entropy",
+                  "creator entropy", "valid list score", "ms / list"]
         rows = []
         for r in ROWS:
             s = ds["summary"].get(r)
             if not s:
                 continue
             dec = ds["runs"][r][0]["decoder"]
-            rows.append([r, dec["name"] + (f" (slack {dec['slack']})" if "slack" in dec else ""),
-                         *(_fmt(s["online"].get(c), 3 if c != "expected_gain" else 4)
-                           for c in COLUMNS),
-                         _fmt(s.get("valid", {}).get("list_score"), 3),
-                         _fmt(s["latency"]["median_ms"], 1)])
-        lines += [markdown_table(["list", "decoder", "expected gain", "headroom",
-                                  "category entropy", "creator entropy",
-                                  "valid list score", "ms / list"], rows), ""]
+            cells = [r, dec["name"] + (f" (slack {dec['slack']})" if "slack" in dec else ""),
+                     *(_fmt(s["online"].get(c), 3 if c != "expected_gain" else 4)
+                       for c in COLUMNS),
+                     _fmt(s.get("valid", {}).get("list_score"), 3),
+                     _fmt(s["latency"]["median_ms"], 1)]
+            rows.append(dict(zip(header, cells, strict=True)))
+        lines += [markdown_table(rows, header), ""]
     t = result["targets"]
     if t.get("status") != "not run":
         lines += ["## Target", "",
@@ -283,7 +293,8 @@ def run_hierarchical_benchmark(quick: bool, out_dir: Path = Path("benchmarks/res
         "benchmark": "hierarchical", "quick": quick,
         "date": started.isoformat(timespec="seconds"),
         "wall_time_s": time.perf_counter() - t0, "machine": machine_info(),
-        "seeds": list(seeds), "settings": asdict(settings), "datasets": datasets}
+        "seeds": list(seeds), "settings": asdict(settings),
+        "torch_threads": torch.get_num_threads(), "datasets": datasets}
     result["targets"] = targets(result)
     result = _json_safe(result)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

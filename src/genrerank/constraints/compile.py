@@ -577,8 +577,15 @@ class RequestConstraints:
         space = 1
         for x in d:
             space *= x + 1
-        if not useful:
+        union = 0
+        for p in useful:
+            union |= p
+        if not useful or any(x and not (union >> k) & 1 for k, x in enumerate(d)):
             best = _BIG
+        elif sum(p.bit_count() for p in useful) == union.bit_count():
+            # Disjoint patterns (e.g. quotas on distinct categories, a skeleton's plan): each
+            # pattern is needed as often as its largest deficit, and that many suffice.
+            best = sum(max(x for k, x in enumerate(d) if (p >> k) & 1) for p in useful)
         elif space > _COVER_STATES:
             best = max(d)
         else:

@@ -14,8 +14,9 @@ Reading order:
    feature ``density_feature`` above its training-split median; off when the data has no such
    feature). The density is predicted and trained but not enforced: the constraint language
    has no quota on a dense feature.
-3. **Plan -> constraints**: the most likely counts that sum to the list length (exact, by
-   dynamic programming over categories, :func:`plan_counts`), turned into category quotas
+3. **Plan -> constraints**: counts that sum to the list length, by default each category's
+   expected count rounded to the length (``plan="expected"``; ``"map"``: the jointly most
+   likely counts, exact dynamic programming, :func:`plan_counts`), turned into category quotas
    (:func:`skeleton_constraints`), under which the fill decodes
    (``fill.generate(..., constraints=...)``). This part is numpy and lives in
    :mod:`genrerank.constraints.skeleton`, so that the ONNX Runtime backend plans with the
@@ -51,6 +52,7 @@ from torch import nn
 
 from genrerank.constraints.skeleton import (
     CATEGORY,
+    PLAN_METHODS,
     merge_plan,
     plan_constraints,
     plan_counts_np,
@@ -99,6 +101,10 @@ class HierarchicalConfig:
     #: category (unplanned categories at most s); 0 = exactly the plan, -1 = no plan (the
     #: fill alone, an ablation).
     slack: int = 0
+    #: How the count distributions become counts: "expected" (the expected composition
+    #: rounded to the length) or "map" (the jointly most likely counts; see
+    #: :func:`~genrerank.constraints.skeleton.plan_from_logits` for why it is not the default).
+    plan: str = "expected"
 
 
 @dataclass
@@ -135,6 +141,9 @@ class Hierarchical(RerankModel):
                                                      {**fill_cfg, **config.fill}))
         if config.slack < -1:
             raise ValueError(f"hierarchical: slack must be >= -1, got {config.slack}")
+        if config.plan not in PLAN_METHODS:
+            raise ValueError(f"hierarchical: plan must be one of {PLAN_METHODS}, got "
+                             f"{config.plan!r}")
         d = config.dim
         self.max_positions = self.fill.max_positions
         self.n_categories = max(int(spec.n_categories), 1)
@@ -249,7 +258,8 @@ class Hierarchical(RerankModel):
         finally:
             self.train(was_training)
         # The numpy plan, as the ONNX Runtime backend computes it from its count_logits.
-        counts = plan_from_logits(logits.float().cpu().numpy(), lengths.cpu().numpy())
+        counts = plan_from_logits(logits.float().cpu().numpy(), lengths.cpu().numpy(),
+                                  self.config.plan)
         return torch.from_numpy(counts).to(count.device), count
 
     # -- decoding ---------------------------------------------------------------------------------

@@ -465,7 +465,7 @@ def _skeleton_info(model: RerankModel) -> dict[str, Any] | None:
     if not _is_hierarchical(model):
         return None
     return {"n_categories": int(model.n_categories), "slack": int(model.config.slack),
-            "max_count": int(model.max_positions)}
+            "plan": str(model.config.plan), "max_count": int(model.max_positions)}
 
 
 def _export_graphs(model: RerankModel, out: Path, example: dict[str, torch.Tensor]

@@ -175,7 +175,9 @@ class OnnxModel:
                                         "candidate_mask": feeds["candidate_mask"]})[0]
         available = category_counts_np(feeds["category"], feeds["candidate_mask"],
                                        int(self.skeleton["n_categories"]))
-        return plan_from_logits(logits, lengths), available
+        # Exports written before the "expected" plan existed planned by MAP.
+        method = str(self.skeleton.get("plan", "map"))
+        return plan_from_logits(logits, lengths, method), available
 
     def _planned(self, memory: np.ndarray, feeds: dict[str, np.ndarray], lengths: np.ndarray,
                  constraints: Sequence[RequestConstraints | None] | None, slack: int | None
