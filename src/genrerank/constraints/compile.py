@@ -823,9 +823,7 @@ class RequestConstraints:
     def check_feasible(self) -> None:
         """Raise :class:`InfeasibleConstraints` unless some list of length L satisfies every
         constraint; the message names a minimal set of constraints that conflict."""
-        if self._feasible is None:
-            self._feasible = self._root_ok() and self._search(self._root()) is not None
-        if self._feasible:
+        if self.feasible():
             return
         raise self._explain()
 
@@ -833,11 +831,11 @@ class RequestConstraints:
         return not self.problems and self._state_ok(self._root())
 
     def feasible(self) -> bool:
-        try:
-            self.check_feasible()
-        except InfeasibleConstraints:
-            return False
-        return True
+        """Whether some list satisfies every constraint, without naming the conflict (which
+        costs a search per subset of the constraints: :meth:`check_feasible` does it)."""
+        if self._feasible is None:
+            self._feasible = self._root_ok() and self._search(self._root()) is not None
+        return self._feasible
 
     def allowed(self, prefix: Sequence[int]) -> np.ndarray:
         """bool ``[n]``: the candidates that may come after ``prefix`` (candidate indices) and
