@@ -513,9 +513,12 @@ def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | No
               default=Path("benchmarks/results"), show_default=True)
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--datasets", default=None,
-              help="Comma-separated PRESET=REQUESTS (default kuaishou=20000,large=2000).")
+              help="Comma-separated PRESET=REQUESTS (default kuaishou=20000,large=1000).")
+@click.option("--merge", is_flag=True,
+              help="Keep the other data sets of an existing result file.")
 @_user_errors
-def bench_hierarchical(quick: bool, out_dir: Path, seeds: str, datasets: str | None) -> None:
+def bench_hierarchical(quick: bool, out_dir: Path, seeds: str, datasets: str | None,
+                       merge: bool) -> None:
     """Hierarchical vs autoregressive vs nar4rec: oracle gain, headroom, entropy, latency."""
     from genrerank.bench.hierarchical import HierarchicalSettings, run_hierarchical_benchmark
 
@@ -528,7 +531,7 @@ def bench_hierarchical(quick: bool, out_dir: Path, seeds: str, datasets: str | N
                                      param_hint="--datasets") from None
         settings.simulated = sizes
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-    run_hierarchical_benchmark(quick, out_dir, seed_list, settings=settings)
+    run_hierarchical_benchmark(quick, out_dir, seed_list, settings=settings, merge=merge)
 
 
 @bench.command("import")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -208,15 +209,18 @@ def _fmt(stat: Mapping[str, Any] | None, digits: int = 4) -> str:
 
 def render_markdown(result: Mapping[str, Any]) -> str:
     lines = [f"# Hierarchical generation benchmark{' (quick)' if result['quick'] else ''}", "",
-             f"{result['date']}, seeds {result['seeds']}, {result['wall_time_s']:.0f} s on "
-             f"{result['machine']['cpu_count']} CPU(s). Test split; mean ± std over the seeds. "
+             f"Seeds {result['seeds']}, {result['machine']['cpu_count']} CPU(s). Test split; "
+             "mean ± std over the seeds. "
              "Command: `genrerank bench hierarchical"
              f"{' --quick' if result['quick'] else ''}`.", "",
-             "Latency: median ms to write one list at batch 1 with the row's decoder (PyTorch, "
-             f"{result.get('torch_threads')} thread(s)); compare rows of one run only.", ""]
+             "Latency: median ms to write one list at batch 1 with the row's decoder (PyTorch); "
+             "compare rows of one run only.", ""]
     for preset, ds in result["datasets"].items():
+        inv = ds.get("invocation", {})
         lines += [f"## {preset} ({ds['requests']} requests; headroom's upper bound: beam "
-                  f"width {ds.get('upper_bound_beam_width')})", ""]
+                  f"width {ds.get('upper_bound_beam_width')})", "",
+                  f"Run {inv.get('date', '?')}, {inv.get('wall_time_s', 0):.0f} s, "
+                  f"{inv.get('torch_threads', '?')} torch thread(s).", ""]
         header = ["list", "decoder", "expected gain", "headroom", "category entropy",
                   "creator entropy", "valid list score", "ms / list"]
         rows = []
@@ -270,8 +274,13 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
 
 def run_hierarchical_benchmark(quick: bool, out_dir: Path = Path("benchmarks/results"),
                                seeds: tuple[int, ...] = (0,), progress: bool = True,
-                               settings: HierarchicalSettings | None = None) -> dict[str, Any]:
-    """Run the comparison; writes ``hierarchical[_quick].{json,md,png}`` and returns the JSON."""
+                               settings: HierarchicalSettings | None = None,
+                               merge: bool = False) -> dict[str, Any]:
+    """Run the comparison; writes ``hierarchical[_quick].{json,md,png}`` and returns the JSON.
+
+    ``merge``: keep the data sets of an existing result file that this run does not redo
+    (e.g. ``kuaishou`` and ``large`` run as two processes, one core each); every data set
+    records the invocation that produced it (``datasets[name]["invocation"]``)."""
     if not seeds:
         raise ValueError("seeds: need at least one seed")
     settings = settings or (HierarchicalSettings.quick() if quick else HierarchicalSettings())
@@ -286,7 +295,12 @@ def run_hierarchical_benchmark(quick: bool, out_dir: Path = Path("benchmarks/res
     datasets: dict[str, Any] = {}
     try:
         for preset, n in settings.simulated.items():
+            t_start = time.perf_counter()
             datasets[preset] = run_dataset(preset, n, seeds, work, settings, say)
+            datasets[preset]["invocation"] = {
+                "date": started.isoformat(timespec="seconds"), "seeds": list(seeds),
+                "wall_time_s": time.perf_counter() - t_start,
+                "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result: dict[str, Any] = {
@@ -295,6 +309,10 @@ def run_hierarchical_benchmark(quick: bool, out_dir: Path = Path("benchmarks/res
         "wall_time_s": time.perf_counter() - t0, "machine": machine_info(),
         "seeds": list(seeds), "settings": asdict(settings),
         "torch_threads": torch.get_num_threads(), "datasets": datasets}
+    if merge and paths["json"].exists():
+        earlier = json.loads(paths["json"].read_text())
+        result["datasets"] = {**{k: v for k, v in earlier.get("datasets", {}).items()
+                                 if k not in datasets}, **datasets}
     result["targets"] = targets(result)
     result = _json_safe(result)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
