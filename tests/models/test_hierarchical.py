@@ -440,6 +440,7 @@ def test_onnx_export_writes_the_lists_pytorch_writes_under_the_plan(
     model.eval()
     assert manifest["skeleton"] == {"n_categories": model.n_categories,
                                     "slack": model.config.slack,
+                                    "plan": model.config.plan,
                                     "max_count": model.max_positions}
     onnx = OnnxModel(onnx_dir)
     ds = RerankDataset(sim, "test")

@@ -251,8 +251,12 @@ def plot(result: Mapping[str, Any], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     datasets = result["datasets"]
-    fig = Figure(figsize=(12, 3.6 * len(datasets)), layout="constrained")
+    fig = Figure(figsize=(12, 3.6 * max(len(datasets), 1)), layout="constrained")
     FigureCanvasAgg(fig)
+    if not datasets:
+        fig.text(0.5, 0.5, "no data set was run", ha="center")
+        fig.savefig(path, dpi=110)
+        return path
     axes = fig.subplots(len(datasets), 3, squeeze=False)
     for row, (preset, ds) in enumerate(datasets.items()):
         names = [r for r in ROWS if r in ds["summary"]]
