@@ -44,6 +44,7 @@ from genrerank.bench.quality import (
     _json_safe,
     budget_overrides,
     machine_info,
+    mean_std,
     summarize,
 )
 from genrerank.data.dataset import RerankDataset, collate
@@ -161,18 +162,12 @@ def run_dataset(preset: str, n_requests: int, seeds: Sequence[int], work: Path,
     summary = {r: summarize(v) for r, v in runs.items() if v}
     for r, v in runs.items():
         if v:
-            summary[r]["latency"] = {"median_ms": _mean_std([x["latency"]["median_ms"]
+            summary[r]["latency"] = {"median_ms": mean_std([x["latency"]["median_ms"]
                                                              for x in v])}
     first = runs["autoregressive"][0]["online"] if runs["autoregressive"] else {}
     return {"requests": n_requests, "data_seeds": [SIM_DATA_SEED + s for s in seeds],
             "runs": runs, "summary": summary,
             "upper_bound_beam_width": first.get("upper_bound_beam_width")}
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, Any]:
-    arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()),
-            "std": float(arr.std(ddof=1)) if len(arr) > 1 else None, "n": len(arr)}
 
 
 def _brief(record: Mapping[str, Any]) -> str:
