@@ -238,9 +238,12 @@ def test_variants_change_only_the_named_loss_terms() -> None:
         "pointwise", ("model.features.interaction=true",))
     assert variant_overrides("nar4rec_no_list_context") == (
         "nar4rec", ("model.list_context=false",))
+    assert variant_overrides("pointwise_no_min_count") == (
+        "pointwise", ("model.features.min_count=0",))
     model, off = variant_overrides("pointwise_no_features")
-    assert model == "pointwise" and off == tuple(f"model.features.{f}=false" for f in FEATURES)
-    for bad in ("pointwise_no_colour", "pointwise_with_features"):
+    assert model == "pointwise" and off == tuple(
+        f"model.features.{f}={0 if f == 'min_count' else 'false'}" for f in FEATURES)
+    for bad in ("pointwise_no_colour", "pointwise_with_features", "pointwise_with_min_count"):
         with pytest.raises(ValueError, match="unknown variant"):
             variant_overrides(bad)
 

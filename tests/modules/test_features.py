@@ -98,12 +98,15 @@ def test_standardisation_uses_training_statistics() -> None:
 
 @pytest.mark.parametrize("options", [{}, {"interaction": True},
                                      {"request_context": False, "affinity": False},
-                                     {"item_id_buckets": 16}])
+                                     {"item_id_buckets": 16}, {"category_cross": True},
+                                     {"min_count": 2}])
 def test_padding_changes_no_real_token(options: dict) -> None:
     torch.manual_seed(0)
     emb = FeatureEmbedding(SPEC, 8, config=options).eval()
     if emb.item_id is not None:
         torch.nn.init.normal_(emb.item_id.weight)  # trained, not the all-zero start
+    for cross in emb.category_cross or ():
+        torch.nn.init.normal_(cross.weight)
     small = batch(n=5)
     padded = batch(n=5, pad_from=3)
     # The same first 3 candidates, then 2 padded slots holding junk.
@@ -125,9 +128,12 @@ def test_feature_config_errors() -> None:
         FeatureConfig.from_dict({"standardise": True})
     with pytest.raises(ValueError, match="true or false"):
         FeatureConfig.from_dict({"affinity": 1})
-    for bad in (-1, 2.5, True, "64"):
-        with pytest.raises(ValueError, match="item_id_buckets must be an integer"):
-            FeatureConfig.from_dict({"item_id_buckets": bad})
+    for key in ("item_id_buckets", "min_count"):
+        for bad in (-1, 2.5, True, "64"):
+            with pytest.raises(ValueError, match=f"{key} must be an integer"):
+                FeatureConfig.from_dict({key: bad})
+    with pytest.raises(ValueError, match="true or false"):
+        FeatureConfig.from_dict({"category_cross": "yes"})
     # No history columns: the affinity part is simply absent.
     plain = dataclasses.replace(SPEC, user_dense=["activity"])
     assert FeatureEmbedding(plain, 8).affinity is None
@@ -156,3 +162,52 @@ def test_item_id_embedding_starts_neutral_then_separates_items() -> None:
     assert torch.all(grad[3].sign() == -grad[5].sign())
     with pytest.raises(ValueError, match="item_hash"):
         with_ids.item_static(b.item_cat, b.item_dense)
+
+
+def test_category_cross_starts_neutral_and_indexes_user_value_by_category() -> None:
+    """Zero at initialisation; row ``segment * n_categories + category`` is the one a candidate
+    reads, so two users of different segments see the same category differently."""
+    torch.manual_seed(0)
+    plain = FeatureEmbedding(SPEC, 8).eval()
+    crossed = FeatureEmbedding(SPEC, 8, config={"category_cross": True}).eval()
+    crossed.load_state_dict(plain.state_dict(), strict=False)
+    b = batch()
+    torch.testing.assert_close(crossed(b)[0], plain(b)[0])
+    table = crossed.category_cross[0]
+    assert table.num_embeddings == 3 * 4
+    b.user_cat[:, 0] = torch.tensor([1, 2])
+    b.category[:] = 3
+    tokens, _ = crossed(b)
+    tokens.sum().backward()
+    moved = table.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert moved == [1 * 4 + 3, 2 * 4 + 3]
+
+
+def test_min_count_maps_rarely_shown_item_values_to_unknown() -> None:
+    """Counts are exposures in the training split: category 2 shown three times keeps its
+    embedding, category 3 shown once (and never-shown 1) share the unknown row 0."""
+    import numpy as np
+
+    class Ragged:
+        def __init__(self, offsets: list[int], values: np.ndarray) -> None:
+            self.offsets, self.values = np.array(offsets), values
+
+    class Train:  # the flat arrays fit_statistics reads from a RerankDataset
+        # Two requests of 3 candidates with categories [2, 3, 1] and [2, 2, 1].
+        _item_cat = Ragged([0, 3, 6], np.array([[2], [3], [1], [2], [2], [1]]))
+        _exposed = Ragged([0, 2, 4], np.array([0, 1, 0, 1]))  # shows 2, 3 then 2, 2
+        _item_dense = Ragged([0, 3, 6], np.zeros((6, 1), dtype=np.float32))
+        _per_candidate = {"upstream_score": Ragged([0, 3, 6], np.zeros(6, dtype=np.float32))}
+        _user_dense = Ragged([0, 3, 6], np.zeros((2, 3), dtype=np.float32))
+
+        def __len__(self) -> int:
+            return 2
+
+    emb = FeatureEmbedding(SPEC, 8, config={"min_count": 2})
+    assert bool(emb.item_cat_known_0.all())  # identity until fitted
+    emb.fit_statistics(Train())
+    assert emb.item_cat_known_0.tolist() == [False, False, True, False]
+    values = torch.tensor([[0, 1, 2, 3]])
+    assert emb._known_item_value(values, 0).tolist() == [[0, 0, 2, 0]]
+    # The rule is saved with the weights.
+    assert "item_cat_known_0" in emb.state_dict()

@@ -32,6 +32,7 @@ ABLATION_LABELS = {
     "pointwise_no_standardize": "no\nstandardize", "pointwise_no_request_context": "no\ncontext",
     "pointwise_no_affinity": "no\naffinity", "pointwise_no_interaction": "no\ninteraction",
     "pointwise_with_interaction": "with\ninteraction",
+    "pointwise_no_category_cross": "no\ncategory\ncross", "pointwise_no_min_count": "no\nmin count",
     "nar4rec_no_list_context": "nar4rec\n(no list\ncontext)",
 }
 FAMILY_COLORS = {"mmr": "#55a868", "perturb": "#8c8c8c", "nar4rec": "#c44e52",

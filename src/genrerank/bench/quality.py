@@ -80,10 +80,13 @@ ROWS = ("logging", "pointwise", "pointwise_satiation", "prm", "nar4rec", "autore
 CEILINGS = {"learnable ceiling: sort": "learnable_sort",
             "learnable ceiling: beam": "learnable_beam"}
 #: Features of the shared feature module, ablated one at a time on the pointwise model: switched
-#: off where on by default, switched on where off by default (FeatureConfig's defaults).
-FEATURES = ("standardize", "request_context", "affinity", "interaction")
+#: off where on by default, switched on where off by default (the packaged pointwise config's
+#: ``features`` over FeatureConfig's defaults). ``min_count`` "off" is 0 (every value embedded).
+FEATURES = ("standardize", "request_context", "affinity", "interaction", "category_cross",
+            "min_count")
+_POINTWISE_FEATURES = FeatureConfig.from_dict(resolve_config("pointwise")["model"].get("features"))
 FEATURE_VARIANTS = tuple(
-    f"pointwise_{'no' if getattr(FeatureConfig(), f) else 'with'}_{f}" for f in FEATURES)
+    f"pointwise_{'no' if getattr(_POINTWISE_FEATURES, f) else 'with'}_{f}" for f in FEATURES)
 #: Generator families of the generator-evaluator K curve ("mix" = all of them, K shared).
 GE_FAMILIES = ("mmr", "perturb", "nar4rec", "autoregressive", "mix")
 ABLATIONS = ("nar4rec", "nar4rec_unlikelihood", "nar4rec_no_list_context",
@@ -178,8 +181,12 @@ def variant_overrides(variant: str) -> tuple[str, tuple[str, ...]]:
         chosen = FEATURES if feature == "features" else (feature,)
         if not set(chosen) <= set(FEATURES) or (switch == "with" and feature == "features"):
             raise ValueError(f"unknown variant {variant!r}")
+        if switch == "with" and not isinstance(getattr(_POINTWISE_FEATURES, feature), bool):
+            raise ValueError(f"unknown variant {variant!r} (a number, not a switch)")
         value = "true" if switch == "with" else "false"
-        return "pointwise", tuple(f"model.features.{f}={value}" for f in chosen)
+        numeric = {f for f in chosen if not isinstance(getattr(_POINTWISE_FEATURES, f), bool)}
+        return "pointwise", tuple(
+            f"model.features.{f}={0 if f in numeric else value}" for f in chosen)
     if variant == "nar4rec_no_list_context":
         return "nar4rec", ("model.list_context=false",)
     loss = resolve_config("nar4rec")["loss"]
@@ -1063,7 +1070,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                   "category-transition table (and so without the `context` decoder). "
                   "`pointwise_no_<feature>` / `pointwise_with_<feature>`: the pointwise model "
                   "with that part of the shared feature module switched off / on (against its "
-                  "default); `pointwise_no_features`: without all four.", ""]
+                  "default; `no_min_count` embeds every categorical value); "
+                  "`pointwise_no_features`: without all of them.", ""]
         if "decoding" in entry:
             lines += [f"## Decoding strategies ({ds}, default nar4rec runs, test split)", "",
                       _table(entry["decoding"]["summary"], DECODING, offline,

@@ -59,6 +59,17 @@ class FeatureConfig:
     #: Hashed item-id embedding with this many buckets (0 = off): a learned per-item offset for
     #: items that recur across requests (:mod:`genrerank.data.ids`).
     item_id_buckets: int = 0
+    #: Learned user-field x candidate-category crosses: for every user categorical feature a
+    #: table ``[vocab x n_categories, d]`` added to the candidate's token (a crossed column, as
+    #: in wide & deep). Taste is a user-by-category affinity; a sum of a user vector and an
+    #: item vector expresses it only through the MLP, which learned it poorly.
+    category_cross: bool = False
+    #: Item categorical values (category, creator, ...) shown fewer than this many times in the
+    #: training split share the "unknown" embedding (0 = keep all). A creator seen twice gets a
+    #: vector fitted to two noisy labels: on simulated kuaishou (median 2 exposures per
+    #: creator) the creator embedding alone lowered the pointwise model's test headroom from
+    #: 0.376 to 0.343. Hashed item ids are not thresholded (they are a separate switch).
+    min_count: int = 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> FeatureConfig:
@@ -67,11 +78,12 @@ class FeatureConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"features: unknown option(s) {unknown}; known: {sorted(known)}")
-        buckets = values.get("item_id_buckets", 0)
-        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0:
-            raise ValueError(f"features: item_id_buckets must be an integer >= 0, got {buckets!r}")
-        bad = {k: v for k, v in values.items()
-               if k != "item_id_buckets" and not isinstance(v, bool)}
+        integers = ("item_id_buckets", "min_count")
+        for key in integers:
+            value = values.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"features: {key} must be an integer >= 0, got {value!r}")
+        bad = {k: v for k, v in values.items() if k not in integers and not isinstance(v, bool)}
         if bad:
             raise ValueError(f"features: options must be true or false, got {bad}")
         return cls(**values)
@@ -138,6 +150,15 @@ class FeatureEmbedding(nn.Module):
             self.register_buffer("history_columns", history)
             self.affinity = nn.Linear(2, dim)
         self.interaction = nn.Linear(dim, dim) if config.interaction else None
+        self.category_cross = None
+        if config.category_cross and spec.user_categorical and spec.n_categories > 0:
+            # Zero at initialisation: a cross moves only as far as its own feedback pushes it.
+            self.n_cross_categories = int(spec.n_categories)
+            self.category_cross = nn.ModuleList(
+                nn.Embedding(c.vocab_size * self.n_cross_categories, dim)
+                for c in spec.user_categorical)
+            for emb in self.category_cross:
+                nn.init.zeros_(emb.weight)
         self.item_id = None
         if config.item_id_buckets:
             # Zero at initialisation: an item starts as its features say and moves only as far
@@ -156,6 +177,13 @@ class FeatureEmbedding(nn.Module):
             self.context_dense = nn.Linear(len(spec.context_dense), dim)
             self.register_buffer("context_mean", torch.zeros(len(spec.context_dense)))
             self.register_buffer("context_std", torch.ones(len(spec.context_dense)))
+        if config.min_count:
+            # Which values of each item categorical field keep their own embedding (all until
+            # fit_statistics counts the training split's exposures); a buffer, so it travels
+            # with the weights into checkpoints and ONNX graphs.
+            for k, c in enumerate(spec.item_categorical):
+                known = torch.ones(c.vocab_size, dtype=torch.bool)
+                self.register_buffer(f"item_cat_known_{k}", known)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -163,7 +191,9 @@ class FeatureEmbedding(nn.Module):
 
     @torch.no_grad()
     def fit_statistics(self, dataset: Any) -> None:
-        """Set the standardisation statistics from a RerankDataset (the TRAINING split)."""
+        """Set the standardisation statistics and the known categorical values (``min_count``)
+        from a RerankDataset (the TRAINING split)."""
+        self.fit_min_count(dataset)
         if not self.config.standardize or not hasattr(dataset, "_item_dense"):
             return
         item = np.concatenate(
@@ -176,6 +206,30 @@ class FeatureEmbedding(nn.Module):
         context = getattr(dataset, "_context_dense", None)
         if self.context_dense is not None and context is not None:
             self._set("context", context.values.reshape(len(dataset), -1))
+
+    @torch.no_grad()
+    def fit_min_count(self, dataset: Any) -> None:
+        """Keep an item categorical value's own embedding only if the TRAINING split shows it at
+        least ``min_count`` times (exposures: the only appearances that carry labels)."""
+        if not self.config.min_count or not hasattr(dataset, "_exposed"):
+            return
+        exposed = dataset._exposed
+        per_request = np.diff(exposed.offsets)
+        request = np.repeat(np.arange(len(per_request)), per_request)
+        rows = dataset._item_cat.offsets[request] + exposed.values
+        for k in range(len(self.item_cat)):
+            known = getattr(self, f"item_cat_known_{k}")
+            values = dataset._item_cat.values[rows, k]
+            counts = np.bincount(values[(values >= 0) & (values < known.numel())],
+                                 minlength=known.numel())
+            known.copy_(torch.as_tensor(counts >= self.config.min_count))
+
+    def _known_item_value(self, values: torch.Tensor, field: int) -> torch.Tensor:
+        if not self.config.min_count:
+            return values
+        known = getattr(self, f"item_cat_known_{field}")
+        values = values.clamp(0, known.numel() - 1)
+        return torch.where(known[values], values, torch.zeros_like(values))
 
     def _set(self, which: str, values: np.ndarray) -> None:
         if values.shape[0] == 0:
@@ -220,7 +274,7 @@ class FeatureEmbedding(nn.Module):
         scaled = (item_dense - self.item_mean[:n_dense]) / self.item_std[:n_dense]
         static = F.linear(scaled, weight[:, :n_dense], self.item_dense.bias)
         for k, emb in enumerate(self.item_cat):
-            static = static + emb(item_cat[..., k])
+            static = static + emb(self._known_item_value(item_cat[..., k], k))
         if self.item_id is not None:
             if item_hash is None:
                 raise ValueError("this model embeds item ids (features.item_id_buckets > 0); "
@@ -249,6 +303,11 @@ class FeatureEmbedding(nn.Module):
             tokens = tokens + self.context(request_context(batch.upstream_score, mask))
         if self.affinity is not None:
             tokens = tokens + self.affinity(self._affinity(batch))
+        if self.category_cross is not None:
+            category = batch.category.clamp(0, self.n_cross_categories - 1)
+            for k, emb in enumerate(self.category_cross):
+                field = batch.user_cat[:, k].unsqueeze(1) * self.n_cross_categories
+                tokens = tokens + emb(field + category)
         user = self.user_vector(batch)
         if self.interaction is not None:
             tokens = tokens + self.interaction(user.unsqueeze(1) * static)
