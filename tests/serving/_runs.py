@@ -49,6 +49,14 @@ def make_run(run_dir: Path, model_name: str, spec: FeatureSpec, seed: int = 0,
     if item_id is not None:  # zero at init too
         with torch.no_grad():
             item_id.weight.normal_(0.0, 1.0)
+    features = getattr(model, "features", None)
+    for cross in getattr(features, "category_cross", None) or ():  # zero at init too
+        with torch.no_grad():
+            cross.weight.normal_(0.0, 1.0)
+    if features is not None and features.config.min_count:  # as if fitted: odd values unseen
+        for name, known in features.named_buffers():
+            if name.startswith("item_cat_known_"):
+                known[1::2] = False
     model.eval()
     save_checkpoint(run_dir / "best", model, {"epoch": 0, "step": 0})
     decode = decode or DECODERS.get(model_name, {"name": "greedy"})

@@ -136,10 +136,13 @@ def test_hashed_item_id_embeddings_are_served_from_the_ids(
 ) -> None:
     """A model with hashed item-id embeddings: the ONNX item tower takes the id hashes, parity
     holds, PyTorch and ONNX serve the same lists, and the same features under other ids give
-    other lists (the ids are read, not only the features)."""
+    other lists (the ids are read, not only the features). The packaged feature options (the
+    category crosses, the known-value buffers of ``min_count``) are on too: they travel into
+    the graphs with the same parity."""
     from genrerank.serving.export import export_run
 
-    run = make_run(tmp_path / "run", name, dataset.spec, features={"item_id_buckets": 64})
+    run = make_run(tmp_path / "run", name, dataset.spec,
+                   features={"item_id_buckets": 64, "category_cross": True, "min_count": 5})
     report = export_run(run, tmp_path / "onnx")
     assert report["parity"]["passed"] and report["parity"]["lists_identical"]
     torch_rr = load_reranker(run_dir=run)

@@ -1076,6 +1076,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             lines += [f"## Decoding strategies ({ds}, default nar4rec runs, test split)", "",
                       _table(entry["decoding"]["summary"], DECODING, offline,
                              (*online, "creator_gini"), label="decoder"), "",
+                      "contrastive: the main nar4rec run as selected (its `decode.name: auto` "
+                      "choice on valid, which may be another decoder: see the selection table "
+                      "below). "
                       f"beam: width {s['decode_k']}, best of K = {s['decode_k']} by model "
                       f"log-prob; sample: top-k {s['sample_top_k']}, temperature "
                       f"{s['sample_temperature']}, best of K = {s['decode_k']} by model "
@@ -1138,8 +1141,8 @@ def ge_markdown(result: Mapping[str, Any]) -> list[str]:
     ar = _stat(result, ds, "autoregressive", "online", "expected_gain")
     nar = _stat(result, ds, "nar4rec", "online", "expected_gain")
     if ar and nar:
-        lines += [f"Autoregressive (beam 4) vs nar4rec (contrastive decoding), single list: "
-                  f"expected gain {_fmt(ar)} vs {_fmt(nar)}.", ""]
+        lines += ["Autoregressive vs nar4rec (each with its decoder chosen on valid), single "
+                  f"list: expected gain {_fmt(ar)} vs {_fmt(nar)}.", ""]
     stem = "quality_quick" if result["quick"] else "quality"
     lines += [f"K curve (expected gain of the served list and of the oracle's pick against "
               f"K = {s['k_values']}): `{stem}_kcurve.png`.", ""]
