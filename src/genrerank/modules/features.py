@@ -19,6 +19,12 @@ what the models do with them. A candidate's token is the sum of
   interaction ``W (u * item)`` (appeal is largely a user-by-category affinity: a product, not a
   sum). Off by default: on simulated kuaishou it lowered the validation list score (1.532 -> 1.504
   for pointwise, 20k requests); the affinity feature already carries the product that matters.
+- optionally, **user x category crosses** (``category_cross``): a learned vector per (user
+  categorical value, candidate category) pair, the crossed column that learns a segment's taste
+  for a category directly;
+- with ``min_count`` > 0, an item categorical value seen fewer times than that among the
+  training split's exposures reads the shared "unknown" embedding instead of its own (a creator
+  shown twice would get a vector fitted to two noisy labels).
 
 Each part can be switched off in the model config's ``features`` section
 (:class:`FeatureConfig`); the statistics are buffers, so they are saved with the run's weights and
