@@ -291,6 +291,102 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
 
 
 @main.command()
+@click.option("--generator", "generator_run", type=click.Path(path_type=Path), required=True,
+              help="A trained generator run (its lists are sampled and beamed).")
+@click.option("--evaluator", "evaluator_run", type=click.Path(path_type=Path), required=True,
+              help="A trained list evaluator run (the reward model).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True,
+              help="The pairs Parquet file to write.")
+@click.option("--split", "splits", default="train,valid", show_default=True,
+              help="Comma-separated splits to pair (train, valid).")
+@click.option("--samples", type=click.IntRange(0), default=9, show_default=True,
+              help="Distinct policy samples per request.")
+@click.option("--beams", type=click.IntRange(0), default=4, show_default=True,
+              help="Beam-search lists per request (matrix models: their decoded list).")
+@click.option("--mmr", type=click.IntRange(0), default=2, show_default=True,
+              help="MMR lists per request (the upstream order is always added).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True)
+@click.option("--delta", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Minimum reward gap of a pair.")
+@click.option("--max-pairs", type=click.IntRange(1), default=4, show_default=True,
+              help="Pairs per request at most.")
+@click.option("--min-diff", type=click.IntRange(1), default=2, show_default=True,
+              help="Slots in which winner and loser must differ.")
+@click.option("--set", "overrides", multiple=True,
+              help="Reward: reward.weights.diversity=0.1, reward.terms.engagement.scroll=dcg.")
+@click.option("--max-requests", type=click.IntRange(1), default=None,
+              help="Pair only the first N requests of each split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_validation_option
+@_user_errors
+def nearline(generator_run: Path, evaluator_run: Path, data_dir: Path, out_file: Path,
+             splits: str, samples: int, beams: int, mmr: int, temperature: float, delta: float,
+             max_pairs: int, min_diff: int, overrides: tuple[str, ...],
+             max_requests: int | None, seed: int, overwrite: bool) -> None:
+    """Near-line job: K lists per request, scored by the evaluator's list reward, written as
+    preference pairs (Parquet) for `genrerank finetune --method dpo`."""
+    import copy
+
+    from genrerank.data.pairs import PairRule
+    from genrerank.preference.nearline import run_nearline
+    from genrerank.rewards import DEFAULT_REWARD
+    from genrerank.training.config import apply_override
+
+    config = {"reward": copy.deepcopy(DEFAULT_REWARD)}
+    for item in overrides:
+        if not item.startswith("reward."):
+            raise click.BadParameter(f"{item!r}: nearline takes reward.* settings only",
+                                     param_hint="--set")
+        apply_override(config, item)
+    summary = run_nearline(
+        generator_run, evaluator_run, data_dir, out_file, reward_config=config["reward"],
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), samples=samples,
+        beams=beams, mmr=mmr, temperature=temperature,
+        rule=PairRule(delta=delta, max_pairs=max_pairs, min_diff=min_diff), seed=seed,
+        max_requests=max_requests, overwrite=overwrite)
+    click.echo(f"{summary['requests']} requests, {summary['lists_per_request']:.1f} distinct "
+               f"lists each, {summary['pairs']} pairs ({summary['requests_with_pairs']:.0%} of "
+               f"requests have one; mean reward gap {summary['mean_reward_gap']:.3f}) in "
+               f"{summary['seconds']:.0f} s -> {summary['out']}")
+
+
+@main.command()
+@click.option("--init", "init_run", type=click.Path(path_type=Path), required=True,
+              help="The trained generator run to start from (and the frozen reference).")
+@click.option("--method", type=click.Choice(["dpo", "ppo"]), required=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--pairs", type=click.Path(path_type=Path), default=None,
+              help="dpo: the pairs file `genrerank nearline` wrote.")
+@click.option("--evaluator", type=click.Path(path_type=Path), default=None,
+              help="The reward model run (ppo: required; dpo: default the pairs' evaluator).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="JSON or TOML config layered over configs/finetune/<method>.json.")
+@click.option("--set", "overrides", multiple=True,
+              help="Override: loss.0.beta=0.2, train.lr=5e-5, reward.weights.diversity=0.1.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last/.")
+@click.option("--overwrite", is_flag=True, help="Start over in an existing OUT.")
+@_validation_option
+@_user_errors
+def finetune(init_run: Path, method: str, data_dir: Path, out_dir: Path, pairs: Path | None,
+             evaluator: Path | None, config_path: Path | None, overrides: tuple[str, ...],
+             resume: bool, overwrite: bool) -> None:
+    """Fine-tune a generator against a frozen copy of itself: DPO on pairs, or PPO on its own
+    samples scored by the evaluator (selection on the validation reward)."""
+    from genrerank.preference.finetune import finetune_run
+
+    best = finetune_run(init_run, data_dir, out_dir, method, pairs=pairs, evaluator=evaluator,
+                        config_path=config_path, overrides=overrides, resume=resume,
+                        overwrite=overwrite)
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in best.items() if "/" not in k or k.startswith("reward/"))
+    click.echo(f"best (valid): {shown}\nrun saved in {out_dir}")
+
+
+@main.command()
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
               help="A trained run (generator or evaluator).")
 @click.option("--pipeline", "pipeline_config", type=click.Path(path_type=Path), default=None,
@@ -505,6 +601,29 @@ def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | No
 
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     run_quality_benchmark(quick=quick, out_dir=out_dir, seeds=seed_list, shared_data=shared_data)
+
+
+@bench.command("preference")
+@click.option("--quick", is_flag=True, help="Small data and budget (about 15 min on 2 cores).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("--datasets", default=None, help="Comma-separated presets (default kuaishou,avito).")
+@click.option("--merge", is_flag=True,
+              help="Keep the other seeds and data sets already in the result file (to run "
+                   "invocations side by side).")
+@_user_errors
+def bench_preference(quick: bool, out_dir: Path, seeds: str, datasets: str | None,
+                     merge: bool) -> None:
+    """Reference vs DPO vs PPO vs G-E under the oracle; Pareto sweep of reward weights."""
+    import sys
+
+    from genrerank.bench.preference import run_preference_benchmark
+
+    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    names = [d.strip() for d in datasets.split(",")] if datasets else None
+    run_preference_benchmark(quick, out_dir, seed_list, names, merge,
+                             command="genrerank " + " ".join(sys.argv[1:]))
 
 
 @bench.command("hierarchical")

@@ -167,3 +167,35 @@ def test_heads_follow_the_spec_gain_weights() -> None:
     with pytest.raises(ValueError, match=r"evaluator: needs a binary signal .* purchase "
                                          r"\(binary, gain 0\), dwell \(nonnegative, gain 1\)"):
         build_model("evaluator", spec, {"dim": 16})
+
+
+def test_signal_probabilities_match_forward(data: RerankDataset) -> None:
+    model = evaluator(data)
+    batch = collate([shrink_request(data[6], 30), data[7]])
+    lists = torch.tensor([[[-1, 4, -1, 2, 9, -1]], [[3, 0, 7, 1, -1, -1]]])
+    probs = model.signal_probabilities(batch, lists)
+    assert set(probs) == set(SIGNALS)
+    logits = model(batch, lists[:, 0]).signal_logits
+    filled = lists[:, 0] >= 0
+    for s in SIGNALS:
+        assert probs[s].shape == (2, 1, 6)
+        torch.testing.assert_close(probs[s][:, 0][filled], torch.sigmoid(logits[s])[filled],
+                                   atol=1e-6, rtol=1e-5)
+        assert (probs[s][:, 0][~filled] == 0).all()
+
+
+def test_signal_probabilities_give_score_lists(data: RerankDataset) -> None:
+    model = evaluator(data)
+    batch = collate([shrink_request(data[6], 30), data[7]])
+    torch.manual_seed(2)
+    lists = torch.stack([torch.stack([torch.randperm(30)[:6] for _ in range(4)]) for _ in range(2)])
+    lists[0, 1, 4:] = -1  # a shorter list
+    lists[1, 3] = -1  # an empty list
+    probs = model.signal_probabilities(batch, lists)
+    discount = torch.log2(torch.arange(6, dtype=torch.float32) + 2.0)
+    gain = sum(WEIGHTS[s] * probs[s] for s in SIGNALS) / discount
+    total = torch.where(lists >= 0, gain, 0.0).sum(-1)
+    scores = model.score_lists(batch, lists)
+    torch.testing.assert_close(total[scores > -math.inf], scores[scores > -math.inf],
+                               atol=1e-5, rtol=1e-5)
+    assert (total[1, 3] == 0).all()

@@ -59,11 +59,11 @@ class Batch:
             value = getattr(self, f.name)
             if isinstance(value, dict):
                 moved[f.name] = {k: v.to(device) for k, v in value.items()}
-            elif value is None:
-                moved[f.name] = None
-            else:
+            elif isinstance(value, torch.Tensor):
                 moved[f.name] = value.to(device)
-        return Batch(**moved)
+            else:  # None, or a plain number of a subclass (a rollout's group size)
+                moved[f.name] = value
+        return type(self)(**moved)  # subclasses (preference batches) keep their fields
 
     def exposed_attribute(self, values: torch.Tensor) -> torch.Tensor:
         """Gather a per-candidate tensor [B, N, ...] at the exposed positions -> [B, M, ...]."""
@@ -177,6 +177,25 @@ class RerankDataset(Dataset):
         for name, ragged in self._per_candidate.items():
             item[name] = ragged[i]
         return item
+
+
+def take_rows(batch: Batch, rows: torch.Tensor, **replace: Any) -> Batch:
+    """A plain :class:`Batch` of the requests ``rows`` (indices into ``batch``, repeats allowed)
+    with the fields in ``replace`` swapped in, e.g. ``exposed`` / ``position_mask`` for other
+    lists of the same requests."""
+    picked: dict[str, Any] = {}
+    for f in fields(Batch):
+        if f.name in replace:
+            picked[f.name] = replace[f.name]
+            continue
+        value = getattr(batch, f.name)
+        if isinstance(value, dict):
+            picked[f.name] = {k: v.index_select(0, rows) for k, v in value.items()}
+        elif isinstance(value, torch.Tensor):
+            picked[f.name] = value.index_select(0, rows)
+        else:
+            picked[f.name] = value
+    return Batch(**picked)
 
 
 def collate(items: Sequence[dict[str, Any]]) -> Batch:

@@ -51,8 +51,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +65,8 @@ from torch.utils.data import DataLoader
 import genrerank
 from genrerank.constraints import ConstraintSet, RequestConstraints, constraints_from_config
 from genrerank.data.dataset import Batch, RerankDataset, collate
+from genrerank.utils.io import check_target as _check_target
+from genrerank.utils.io import write_table_atomic
 from genrerank.utils.progress import progress
 
 __all__ = [
@@ -376,34 +376,6 @@ def _json_safe(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _check_target(out_file: Path, overwrite: bool) -> None:
-    if out_file.is_dir():
-        raise ValueError(f"{out_file} is a folder; give the Parquet file to write")
-    if out_file.exists() and not overwrite:
-        raise FileExistsError(f"{out_file} exists; pass --overwrite to replace it")
-
-
-def write_table_atomic(table: pa.Table, out_file: str | Path, overwrite: bool = False) -> Path:
-    """Write ``table`` to ``out_file`` by way of a temporary file in the same folder renamed
-    into place: readers see the old file or the new one, and a failure leaves no new file."""
-    out_file = Path(out_file)
-    _check_target(out_file, overwrite)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the lists from others
-        pq.write_table(table, tmp)
-        _check_target(out_file, overwrite)  # again: it may have appeared meanwhile
-        os.replace(tmp, out_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_file
 
 
 def rerank_dataset(

@@ -31,10 +31,12 @@ from genrerank.data.schema import FeatureSpec
 from genrerank.losses import (  # noqa: F401
     click,
     contrastive,
+    dpo,
     gain,
     length,
     likelihood,
     mtp,
+    policy_gradient,
     signals,
     skeleton,
     unlikelihood,
@@ -50,10 +52,12 @@ from genrerank.losses.base import (
 )
 from genrerank.losses.click import ClickBCELoss
 from genrerank.losses.contrastive import ContrastiveLoss
+from genrerank.losses.dpo import DPOLoss
 from genrerank.losses.gain import GainBCELoss
 from genrerank.losses.length import ListLengthLoss
 from genrerank.losses.likelihood import LikelihoodLoss
 from genrerank.losses.mtp import MTPLoss
+from genrerank.losses.policy_gradient import PolicyGradientLoss
 from genrerank.losses.unlikelihood import UnlikelihoodLoss
 
 __all__ = [
@@ -62,12 +66,14 @@ __all__ = [
     "ClickBCELoss",
     "CompositeLoss",
     "ContrastiveLoss",
+    "DPOLoss",
     "GainBCELoss",
     "LikelihoodLoss",
     "ListLengthLoss",
     "Loss",
     "MTPLoss",
     "ModelOutput",
+    "PolicyGradientLoss",
     "UnlikelihoodLoss",
     "build_loss",
     "build_objective",
@@ -130,7 +136,9 @@ class CompositeLoss(nn.Module):
     ``forward(out, batch)`` returns ``(total, components)``: ``total`` is the scalar
     ``sum_k weight_k * term_k`` to back-propagate; ``components`` maps each term's key to its
     UNWEIGHTED value, detached (for logging; ``.item()`` it when you log, so training steps
-    do not sync). A term with weight 0 is computed without gradient and only reported.
+    do not sync). A term with weight 0 is computed without gradient and only reported. A term
+    that leaves diagnostics in ``last_stats`` (the DPO margin, the PPO clip fraction) has them
+    reported as ``<key>/<name>`` components.
     """
 
     def __init__(self, terms: Sequence[tuple[str, Loss, float]]) -> None:
@@ -166,6 +174,15 @@ class CompositeLoss(nn.Module):
                 changed.append(key)
         return changed
 
+    def prepare_batch(self, model: nn.Module, batch: Batch, seed: int) -> Batch:
+        """The trainer's hook (:class:`~genrerank.training.Trainer`): the one term that turns a
+        batch into what it reads (the ``ppo`` term's rollouts) does so; others take it as is."""
+        for loss in self.losses.values():
+            prepare = getattr(loss, "prepare_batch", None)
+            if prepare is not None:
+                return prepare(model, batch, seed)
+        return batch
+
     def forward(
         self, out: ModelOutput, batch: Batch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -176,10 +193,12 @@ class CompositeLoss(nn.Module):
             if weight == 0.0:
                 with torch.no_grad():
                     components[key] = loss(out, batch).detach()
-                continue
-            value = loss(out, batch)
-            total = total + weight * value
-            components[key] = value.detach()
+            else:
+                value = loss(out, batch)
+                total = total + weight * value
+                components[key] = value.detach()
+            for name, stat in (getattr(loss, "last_stats", None) or {}).items():
+                components[f"{key}/{name}"] = stat.detach()
         return total, components
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "Loss",
     "ModelOutput",
     "exposed_log_probs",
+    "list_log_probs",
     "list_utility",
     "register_loss",
     "utility_threshold",
@@ -162,6 +163,14 @@ def exposed_log_probs(log_probs: torch.Tensor, batch: Batch) -> torch.Tensor:
         )
     picked = log_probs.float().gather(1, batch.exposed.unsqueeze(1)).squeeze(1)
     return torch.where(batch.position_mask, picked, torch.zeros_like(picked))
+
+
+def list_log_probs(log_probs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``[B]`` log-probability of each row's list (``batch.exposed`` at ``position_mask``):
+    the sum of its teacher-forced position terms. For an autoregressive model that is the exact
+    sequence log-probability log pi(y | x); for NAR4Rec the factorised one, sum_j log p_j(y_j)
+    (its positions are modelled independently). Padded positions add 0."""
+    return exposed_log_probs(log_probs, batch).sum(1)
 
 
 def valid_count(mask: torch.Tensor) -> torch.Tensor:

@@ -428,6 +428,34 @@ class Autoregressive(RerankModel):
             raise ValueError(f"sample: need k >= 1, temperature > 0, top_k >= 1; got k={k}, "
                              f"temperature={temperature}, top_k={top_k}")
         draws = max(max_draws or 4 * k, k)
+        lists, log_prob = self._draw(batch, lengths, width, use_cache, draws, temperature, top_k,
+                                     generator, constraints)
+        return _distinct_best(lists, log_prob, k)
+
+    @torch.no_grad()
+    def draw(self, batch: Batch, list_length: int | torch.Tensor, k: int, *,
+             temperature: float = 1.0, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k`` independent lists per request from the model's own distribution (duplicates
+        kept: an unbiased sample, what policy-gradient fine-tuning needs) -> lists
+        ``[B, k, m]`` (-1 past each length) and their log-probabilities ``[B, k]`` under the
+        model (at temperature 1, whatever ``temperature`` drew them). Runs in eval mode."""
+        if k < 1 or not temperature > 0:
+            raise ValueError(f"draw: need k >= 1 and temperature > 0, got k={k}, "
+                             f"temperature={temperature}")
+        was_training = self.training
+        self.eval()
+        try:
+            lengths, width = self._lengths(batch, list_length)
+            return self._draw(batch, lengths, width, use_cache, k, temperature, None, generator)
+        finally:
+            self.train(was_training)
+
+    def _draw(self, batch: Batch, lengths: torch.Tensor, width: int, use_cache: bool,
+              draws: int, temperature: float, top_k: int | None,
+              generator: torch.Generator | None,
+              constraints: Sequence[RequestConstraints | None] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         b = batch.batch_size
         device = lengths.device
         state = self._start_state(batch, use_cache).select(
@@ -453,7 +481,7 @@ class Autoregressive(RerankModel):
             state.chosen[rows, pick] = True
             previous = pick
         lists = mask_beyond_length(lists, row_lengths).view(b, draws, width)
-        return _distinct_best(lists, log_prob.view(b, draws), k)
+        return lists, log_prob.view(b, draws)
 
 
 def _distinct_best(lists: torch.Tensor, scores: torch.Tensor, k: int) -> DecodedLists:

@@ -298,6 +298,38 @@ class ListEvaluator(RerankModel):
                 out[lo:hi] = torch.where(filled[lo:hi], gain, 0.0).sum(-1)
         return torch.where(valid, out.reshape(b, k), -math.inf)
 
+    @torch.inference_mode()
+    def signal_probabilities(self, batch: Batch, lists: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Signal -> ``[B, K, m]`` predicted probability at each input slot of ``lists
+        [B, K, m]`` (``-1`` = empty slot, probability 0 there).
+
+        The per-slot view behind :meth:`score_lists` (same tokens once per request, same
+        chunks), for rewards that weigh or discount the signals themselves
+        (:mod:`genrerank.rewards`). Empty slots are dropped and the items below move up; the
+        probabilities are reported at the input slots, as :meth:`forward` does.
+        """
+        if lists.dim() != 3 or lists.shape[0] != batch.batch_size:
+            raise ValueError(f"evaluator: lists must be [B, K, m] with B = {batch.batch_size}, "
+                             f"got {tuple(lists.shape)}")
+        device = batch.candidate_mask.device
+        lists = lists.to(device).long()
+        b, k, m = lists.shape
+        compact, filled, order = compact_lists(lists.reshape(b * k, m))
+        out = torch.zeros(b * k, m, len(self.signals), device=device)
+        if b * k and m:
+            tokens = self._tokens(batch)  # [B, N, d]: once per request
+            owner = torch.arange(b, device=device).repeat_interleave(k)
+            for lo in range(0, b * k, SCORE_CHUNK):
+                hi = min(lo + SCORE_CHUNK, b * k)
+                h = self._gather(tokens, owner[lo:hi], compact[lo:hi])
+                probs = torch.sigmoid(self._encode(h, filled[lo:hi]).float())
+                probs = torch.where(filled[lo:hi].unsqueeze(-1), probs, 0.0)
+                # Back to the input slots: compacted slot c came from slot order[:, c].
+                out[lo:hi] = torch.zeros_like(probs).scatter(
+                    1, order[lo:hi].unsqueeze(-1).expand_as(probs), probs)
+        out = out.reshape(b, k, m, len(self.signals))
+        return {s: out[..., i] for i, s in enumerate(self.signals)}
+
     def generate(self, *args: object, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
         raise ValueError(
             "the evaluator model scores lists it is given (score_lists); it does not write "

@@ -7,6 +7,9 @@ A run config has four sections::
      "loss":   [{"name": "likelihood"}, ...],        # terms for genrerank.losses.build_objective
      "decode": {"name": "contrastive", "alpha": 0.6}}  # default decoding strategy for the model
 
+and fine-tuning runs (``genrerank finetune``, :mod:`genrerank.preference`) a fifth, ``reward``
+(``{"weights": {"engagement": 1.0, "diversity": 0.1}, "terms": {...}}``, :mod:`genrerank.rewards`).
+
 Layers, lowest first: TrainConfig defaults < the model's packaged defaults
 (``genrerank/configs/<model>.json``) < the user's file < ``--set`` overrides.
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("model", "train", "loss", "decode")
+SECTIONS = ("model", "train", "loss", "decode", "reward")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -170,7 +173,8 @@ def load_run_config(
             if section == "loss":
                 config["loss"] = copy.deepcopy(value)
             else:
-                config[section].update(copy.deepcopy(value))
+                # ``reward`` (fine-tuning's list reward, genrerank.rewards) only when given.
+                config.setdefault(section, {}).update(copy.deepcopy(value))
     for item in overrides:
         apply_override(config, item)
     TrainConfig.from_dict(config["train"])  # fail now, naming the bad option

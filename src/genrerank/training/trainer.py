@@ -158,6 +158,14 @@ class Trainer:
     metrics are ``loss`` and ``loss/<component>`` (batch-size weighted means of the objective)
     plus whatever ``validate_fn(model, valid_loader)`` returns (its keys win on a clash); the
     valid loader yields CPU batches in a fixed order.
+
+    Two hooks serve the fine-tuning objectives (:mod:`genrerank.preference`) without a second
+    loop: a data set may carry its own ``collate_fn`` (preference pairs batch a request's two
+    lists), and an objective with ``prepare_batch(model, batch, seed)`` turns each batch into
+    the one its loss reads before the forward pass (the policy-gradient loss samples lists from
+    the current policy there; ``seed`` is a pure function of the step, so runs stay
+    reproducible). ``fit_statistics=False`` keeps the feature statistics a fine-tuned model
+    brings from its pre-training.
     """
 
     def __init__(
@@ -172,6 +180,7 @@ class Trainer:
         *,
         loss_config: Sequence[dict[str, Any]] | dict[str, Any] | None = None,
         overwrite: bool = False,
+        fit_statistics: bool = True,
     ) -> None:
         if len(train_data) == 0:
             raise ValueError("Trainer: the training split has no requests")
@@ -186,6 +195,7 @@ class Trainer:
         self.validate_fn = validate_fn
         self.loss_config = loss_config if loss_config is not None else []
         self.overwrite = overwrite
+        self.fit_statistics = fit_statistics
         self.steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
         self.device = torch.device(config.device)
         self.history: list[dict[str, Any]] = []
@@ -220,7 +230,7 @@ class Trainer:
             self.valid_data,
             batch_size=self.config.eval_batch_size or self.config.batch_size,
             shuffle=False,
-            collate_fn=collate,
+            collate_fn=_collate_of(self.valid_data),
             num_workers=0,
             generator=torch.Generator().manual_seed(0),  # keep the global RNG untouched
         )
@@ -236,8 +246,10 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         try:
-            for batch in loader:
-                batch = batch.to(self.device)
+            for index, batch in enumerate(loader):
+                # Validation rollouts get seeds of their own, the same at every evaluation.
+                seed = epoch_seed(self.config.seed, 2_000_000 + index)
+                batch = self._prepare(batch.to(self.device), seed)
                 total, components = self.objective(self.model(batch), batch)
                 size = batch.batch_size
                 count += size
@@ -286,7 +298,7 @@ class Trainer:
                 logger.info("removed %s, left by a killed checkpoint write", path)
             if on_start is not None:
                 on_start()
-            if not resume:
+            if not resume and self.fit_statistics:
                 # Feature statistics come from the training split only; a resumed run has them
                 # in its checkpoint already.
                 fit_statistics = getattr(self.model, "fit_statistics", None)
@@ -333,7 +345,7 @@ class Trainer:
                 self.train_data,
                 batch_size=cfg.batch_size,
                 sampler=EpochSampler(len(self.train_data), cfg.seed, state.epoch, start),
-                collate_fn=collate,
+                collate_fn=_collate_of(self.train_data),
                 num_workers=0,
                 # Creating a loader iterator draws a base seed from this generator, or else
                 # from the global torch RNG, which would shift dropout after a mid-epoch resume.
@@ -380,7 +392,7 @@ class Trainer:
         lr = self.lr_at(state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = batch.to(self.device)
+        batch = self._prepare(batch.to(self.device), epoch_seed(cfg.seed, 1_000_000 + state.step))
         out = self.model(batch)
         total, components = self.objective(out, batch)
         if not torch.isfinite(total).item():
@@ -480,6 +492,11 @@ class Trainer:
         return stop
 
     # ------------------------------------------------------------------ helpers
+
+    def _prepare(self, batch: Any, seed: int) -> Any:
+        """The objective's ``prepare_batch`` hook (see the class docstring), if it has one."""
+        prepare = getattr(self.objective, "prepare_batch", None)
+        return batch if prepare is None else prepare(self.model, batch, seed)
 
     def _calibrate_objective(self) -> dict[str, dict[str, float]]:
         """Set ``tau`` of loss terms that left it None, from the TRAINING split's utility R."""
@@ -658,6 +675,11 @@ class Trainer:
                 kept.append(line)
                 self.history.append(record)
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _collate_of(dataset: Any) -> Callable[..., Any]:
+    """The data set's own batching (``collate_fn``) or the padded request batch."""
+    return getattr(dataset, "collate_fn", collate)
 
 
 def _missing_folders(path: Path) -> list[Path]:
