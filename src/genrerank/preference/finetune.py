@@ -139,6 +139,9 @@ def finetune_run(
     else:
         if pairs is not None:
             raise ValueError("finetune --method ppo samples its own lists; --pairs is for dpo")
+        if not hasattr(model, "draw"):
+            raise ValueError(f"finetune --method ppo samples lists step by step: autoregressive "
+                             f"runs only, {init} is a {model_cfg['name']!r} run (use dpo)")
         train_data, valid_data = train_requests, valid_requests
     if evaluator is None:
         raise ValueError(f"finetune --method {method} needs --evaluator (the reward model)")
