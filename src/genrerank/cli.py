@@ -367,20 +367,26 @@ def nearline(generator_run: Path, evaluator_run: Path, data_dir: Path, out_file:
               help="JSON or TOML config layered over configs/finetune/<method>.json.")
 @click.option("--set", "overrides", multiple=True,
               help="Override: loss.0.beta=0.2, train.lr=5e-5, reward.weights.diversity=0.1.")
+@click.option("--reward-source", type=click.Choice(["evaluator", "simulated_feedback"]),
+              default="evaluator", show_default=True,
+              help="ppo: simulated_feedback samples the simulated users' feedback (an "
+                   "online-learning stand-in, labelled as such; simulator data only).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last/.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing OUT.")
 @_validation_option
 @_user_errors
 def finetune(init_run: Path, method: str, data_dir: Path, out_dir: Path, pairs: Path | None,
              evaluator: Path | None, config_path: Path | None, overrides: tuple[str, ...],
-             resume: bool, overwrite: bool) -> None:
+             reward_source: str, resume: bool, overwrite: bool) -> None:
     """Fine-tune a generator against a frozen copy of itself: DPO on pairs, or PPO on its own
     samples scored by the evaluator (selection on the validation reward)."""
     from genrerank.preference.finetune import finetune_run
 
     best = finetune_run(init_run, data_dir, out_dir, method, pairs=pairs, evaluator=evaluator,
                         config_path=config_path, overrides=overrides, resume=resume,
-                        overwrite=overwrite)
+                        overwrite=overwrite, reward_source=reward_source)
+    if reward_source == "simulated_feedback":
+        click.echo("reward: simulated users' sampled feedback (online-learning stand-in)")
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                       for k, v in best.items() if "/" not in k or k.startswith("reward/"))
     click.echo(f"best (valid): {shown}\nrun saved in {out_dir}")

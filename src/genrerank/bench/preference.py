@@ -61,9 +61,10 @@ from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
 
 SIM_DATA_SEED = 7_000  # the quality benchmark's: the same data sets
-POLICIES = ("reference", "dpo", "ppo", "ge_k16")
-POLICY_LABELS = {"reference": "reference (autoregressive)", "dpo": "DPO", "ppo": "PPO",
-                 "ge_k16": "G-E, K = 16 reference samples"}
+POLICIES = ("reference", "dpo", "ppo", "ge_k16", "ppo_feedback")
+POLICY_LABELS = {"reference": "reference (autoregressive)", "dpo": "DPO (evaluator reward)",
+                 "ppo": "PPO (evaluator reward)", "ge_k16": "G-E, K = 16 reference samples",
+                 "ppo_feedback": "PPO, simulated feedback (online stand-in)"}
 
 
 @dataclass
@@ -83,7 +84,7 @@ class PreferenceSettings:
     pareto_dataset: str = "kuaishou"
     pareto_seed: int = 0
     pareto_weights: dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: {"diversity": (0.5, 1.0, 2.0), "fairness": (1.0, 2.0)})
+        default_factory=lambda: {"diversity": (1.0,), "fairness": (1.0,)})
     pareto_dpo_overrides: tuple[str, ...] = ()  # the same DPO budget as the main run
     mmr_diversity: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
     num_threads: int = 1
@@ -224,6 +225,10 @@ class _Seed:
             _, timings[method] = self.timed(method, lambda m=method: finetune_run(
                 ref_run, data, runs[m], m, pairs=pairs if m == "dpo" else None,
                 evaluator=ev_run, overrides=self.finetune_overrides(m), overwrite=True))
+        runs["ppo_feedback"] = work / "ppo_feedback"
+        _, timings["ppo_feedback"] = self.timed("ppo (simulated feedback)", lambda: finetune_run(
+            ref_run, data, runs["ppo_feedback"], "ppo", reward_source="simulated_feedback",
+            overrides=self.finetune_overrides("ppo"), overwrite=True))
 
         reference = load_model(ref_run, "best")[0]
         evaluator = load_model(ev_run, "best")[0]
@@ -251,9 +256,9 @@ class _Seed:
                 x, report, source, policy, reference)}
             if name == "reference":
                 policies[name]["kl_to_reference"] = 0.0
-        for name in ("dpo", "ppo", "ge_k16"):
+        for name in ("dpo", "ppo", "ge_k16", "ppo_feedback"):
             policies[name]["vs_reference"] = _paired(gains[name], gains["reference"])
-        for name in ("dpo", "ppo"):
+        for name in ("dpo", "ppo", "ppo_feedback"):
             policies[name]["vs_ge_k16"] = _paired(gains[name], gains["ge_k16"])
         record: dict[str, Any] = {
             "seed": self.seed,
@@ -261,14 +266,46 @@ class _Seed:
             "logging_expected_gain": logging_gain,
             "upper_bound_expected_gain": upper_gain,
             "nearline": nearline,
+            "nearline_oracle_check": self.pairs_check(pairs),
             "policies": policies,
-            "valid": {m: _best_valid(runs[m]) for m in ("dpo", "ppo")},
+            "valid": {m: _best_valid(runs[m]) for m in ("dpo", "ppo", "ppo_feedback")},
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
         }
         if pareto:
             record["pareto"] = self.pareto(reference, source, pairs, ref_run, ev_run,
                                            logging_gain, upper_gain, policies)
         return record
+
+    def pairs_check(self, pairs: Path) -> dict[str, float]:
+        """How right the evaluator's preferences are, under the oracle (evaluation only, on the
+        VALIDATION requests' near-line lists): share of pairs the oracle agrees with, and the
+        oracle gain of the evaluator's best list, of the best list, and of the reference's own
+        (its run's decoder) on the same requests."""
+        from genrerank.data.simulator import request_index
+
+        valid = RerankDataset(self.data, split="valid")
+        state = self.sim.requests(request_index(valid.request_ids))
+        position = {str(r): i for i, r in enumerate(valid.request_ids)}
+        rows = [r for r in read_pairs(pairs)[0].to_pylist() if r["split"] == "valid"]
+        agree, picked, best, index = [], [], [], []
+        for r in rows:
+            i = position[r["request_id"]]
+            width = max(len(x) for x in r["lists"])
+            lists = np.array([x + [-1] * (width - len(x)) for x in r["lists"]])
+            gains = self.sim.expected_gain(state.take(np.full(len(lists), i)),
+                                           np.maximum(lists, 0), lists >= 0)
+            agree += [bool(gains[w] > gains[lo]) for w, lo in r["pairs"]]
+            picked.append(gains[int(np.argmax(r["reward"]))])
+            best.append(gains.max())
+            index.append(i)
+        model, _ = load_model(self.work / "reference", "best")
+        decode = run_decoding(self.work / "reference")
+        ref = predict(model, valid, decode.pop("name"), decode).lists[index]
+        own = self.sim.expected_gain(state.take(np.array(index)), np.maximum(ref, 0), ref >= 0)
+        return {"requests": len(rows), "pairs_oracle_agreement": float(np.mean(agree)),
+                "evaluator_pick_gain": float(np.mean(picked)),
+                "oracle_pick_gain": float(np.mean(best)),
+                "reference_gain": float(own.mean())}
 
     def pareto(self, reference: torch.nn.Module, source: EvaluatorSignals, pairs: Path,
                ref_run: Path, ev_run: Path, logging: float, upper: float,
@@ -421,6 +458,14 @@ def markdown(result: Mapping[str, Any]) -> str:
                   f"pairs, {np.mean([n['requests_with_pairs'] for n in nearline]):.0%} of "
                   f"requests paired, mean reward gap "
                   f"{np.mean([n['mean_reward_gap'] for n in nearline]):.3f}.", ""]
+        checks = [r["nearline_oracle_check"] for r in entry["records"]]
+        mean = {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
+        lines += ["How right is the reward model? On the validation requests' near-line lists "
+                  f"(oracle, evaluation only): the oracle agrees with "
+                  f"{mean['pairs_oracle_agreement']:.1%} of the pairs; oracle gain of the "
+                  f"evaluator's best list {mean['evaluator_pick_gain']:.4f}, of the reference's "
+                  f"own list {mean['reference_gain']:.4f}, of the best of the same lists "
+                  f"{mean['oracle_pick_gain']:.4f}.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,14 @@ from genrerank.losses.base import list_log_probs
 from genrerank.losses.policy_gradient import PolicyGradientLoss
 from genrerank.models import build_model
 from genrerank.preference.report import PolicyReport
-from genrerank.rewards import DEFAULT_REWARD, EvaluatorSignals, ListReward
+from genrerank.rewards import (
+    DEFAULT_REWARD,
+    EvaluatorSignals,
+    ListReward,
+    SignalSource,
+    SimulatedFeedback,
+    require_training_source,
+)
 from genrerank.training import TrainConfig, Trainer, load_model, load_run_config, seed_everything
 from genrerank.training.checkpoint import (
     MODEL_FILE,
@@ -107,8 +114,14 @@ def finetune_run(
     overrides: tuple[str, ...] = (),
     resume: bool = False,
     overwrite: bool = False,
+    reward_source: str = "evaluator",
 ) -> dict[str, Any]:
-    """Fine-tune ``init_run`` (see the module docstring); returns the best validation metrics."""
+    """Fine-tune ``init_run`` (see the module docstring); returns the best validation metrics.
+
+    ``reward_source="simulated_feedback"`` (ppo, simulator data): the reward of sampled lists
+    and of the validation lists is one draw of the simulated users' feedback
+    (:class:`~genrerank.rewards.SimulatedFeedback`), an online-learning stand-in; the run
+    config records it."""
     cfg = finetune_config(method, config_path, overrides)
     init = check_run(init_run)
     init_cfg = json.loads((init / RUN_CONFIG).read_text())
@@ -143,14 +156,25 @@ def finetune_run(
             raise ValueError(f"finetune --method ppo samples lists step by step: autoregressive "
                              f"runs only, {init} is a {model_cfg['name']!r} run (use dpo)")
         train_data, valid_data = train_requests, valid_requests
-    if evaluator is None:
-        raise ValueError(f"finetune --method {method} needs --evaluator (the reward model)")
-    evaluator_model = frozen(load_model(check_run(evaluator), "best")[0])
-    if getattr(evaluator_model, "kind", "") != "evaluator":
-        raise ValueError(f"{evaluator}: not a list evaluator run")
     reward_cfg = cfg.get("reward") or pairs_meta.get("reward") or DEFAULT_REWARD
     reward = ListReward.from_config(reward_cfg, train_requests.spec)
-    source = EvaluatorSignals(evaluator_model)
+    source: SignalSource
+    if reward_source == "simulated_feedback":
+        if method != "ppo":
+            raise ValueError("finetune: reward source 'simulated_feedback' is for ppo (it "
+                             "samples feedback for the lists the policy draws)")
+        source = SimulatedFeedback(RerankDataset(data_dir), seed=train_cfg.seed)
+    elif reward_source == "evaluator":
+        if evaluator is None:
+            raise ValueError(f"finetune --method {method} needs --evaluator (the reward model)")
+        evaluator_model = frozen(load_model(check_run(evaluator), "best")[0])
+        if getattr(evaluator_model, "kind", "") != "evaluator":
+            raise ValueError(f"{evaluator}: not a list evaluator run")
+        source = EvaluatorSignals(evaluator_model)
+    else:
+        raise ValueError(f"finetune: unknown reward source {reward_source!r}; choose "
+                         "'evaluator' or 'simulated_feedback'")
+    require_training_source(source, "finetune")
 
     objective = build_objective(cfg["loss"])
     for term in objective.losses.values():
@@ -170,7 +194,9 @@ def finetune_run(
             "reward": reward.to_config(), "data": str(data_dir),
             "finetune": {"method": method, "init": str(init_run),
                          "pairs": None if pairs is None else str(pairs),
-                         "evaluator": str(evaluator), "reward_source": source.name}})
+                         "evaluator": None if evaluator is None else str(evaluator),
+                         "reward_source": source.name,
+                         "online_stand_in": bool(getattr(source, "online_stand_in", False))}})
     except BaseException as exc:
         mark_failed(out_dir, exc, "writing the run config")
         raise

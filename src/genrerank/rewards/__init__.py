@@ -12,6 +12,10 @@ Engagement needs feedback signals per slot, which come from one of three **sourc
 - :class:`EvaluatorSignals`: the learned list evaluator's predicted probabilities, for any list;
 - :class:`OracleSignals`: exact expectations under the simulator (simulator data only).
 
+A fourth, :class:`SimulatedFeedback`, samples one realisation of the simulated users' feedback
+per list: a stand-in for learning online from live traffic (PPO's optional reward), allowed to
+train but labelled ``online_stand_in`` wherever it is used, since no offline data set has it.
+
 Each source has ``for_training``. The oracle's is False: it is the ground truth that
 evaluation measures against, and a model trained on it would learn from information no real
 log has, so its evaluation would be meaningless. Anything that trains on a reward calls
@@ -25,6 +29,7 @@ from genrerank.rewards.sources import (
     LoggedSignals,
     OracleSignals,
     SignalSource,
+    SimulatedFeedback,
     require_training_source,
 )
 from genrerank.rewards.terms import REWARD_TERMS, RewardTerm, build_term, register_term
@@ -40,6 +45,7 @@ __all__ = [
     "RewardBreakdown",
     "RewardTerm",
     "SignalSource",
+    "SimulatedFeedback",
     "build_term",
     "combine",
     "register_term",

@@ -171,6 +171,41 @@ class OracleSignals(SignalSource):
         return ListSignals(self.name, values, filled)
 
 
+class SimulatedFeedback(OracleSignals):
+    """Feedback SAMPLED from the simulator's user model for the given lists: what showing them
+    to real users would return, one noisy realisation per list. An online-learning stand-in
+    (policy-gradient fine-tuning on live traffic), allowed to train, and labelled as such in
+    every output (``online_stand_in``): it is not a reward any offline data set provides.
+    Draws come from one seeded stream, so a run is reproducible."""
+
+    name = "simulated_feedback"
+    for_training = True
+    online_stand_in = True
+
+    def __init__(self, dataset: RerankDataset, seed: int = 0) -> None:
+        super().__init__(dataset)
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 31_337]))
+
+    def signals(self, batch: Batch, lists: torch.Tensor) -> ListSignals:
+        lists = _check_lists(batch, lists, "simulated feedback")
+        b, k, m = lists.shape
+        device = lists.device
+        filled = lists >= 0
+        values = {s: torch.zeros(b, k, m, device=device) for s in self.labels}
+        if b * k and m:
+            state = self.simulator.requests(self._sim_index[self._positions(batch.request_index)])
+            rep = state.take(np.repeat(np.arange(b), k))
+            flat = lists.reshape(b * k, m).cpu().numpy()
+            sampled = self.simulator.sample_feedback(rep, np.maximum(flat, 0), self.rng,
+                                                     flat >= 0)
+            for s in self.labels:
+                if s in sampled:
+                    v = torch.as_tensor(np.asarray(sampled[s], dtype=np.float32),
+                                        device=device).reshape(b, k, m)
+                    values[s] = torch.where(filled, v, 0.0)
+        return ListSignals(self.name, values, filled)
+
+
 def require_training_source(source: SignalSource, purpose: str) -> None:
     """Fail unless ``source`` may train a model (the oracle never may)."""
     if not source.for_training:
