@@ -174,3 +174,39 @@ def test_cli_nearline_and_finetune_print_their_summaries(runs: dict[str, Path]) 
     assert code == 0, text
     assert "best (valid):" in text and "reward " in text and "kl_ref " in text
     assert f"run saved in {out}" in text
+
+
+def test_nar4rec_gets_nearline_lists_and_dpo_on_its_factorised_probability(
+        runs: dict[str, Path]) -> None:
+    root = runs["root"]
+    nar = root / "nar_dpo_init"
+    train_run("nar4rec", runs["data"], nar, overrides=TINY)
+    pairs = root / "nar_pairs.parquet"
+    summary = run_nearline(nar, runs["evaluator"], runs["data"], pairs,
+                           rule=PairRule(delta=DELTA), seed=2, max_requests=30,
+                           show_progress=False, **PROPOSALS)
+    assert summary["pairs"] > 0
+    generators = {g for row in read_pairs(pairs)[0].column("generators").to_pylist()
+                  for g in row}
+    assert {"nar4rec (sample)", "nar4rec (greedy)", "upstream"} <= generators
+    out = root / "nar_dpo"
+    finetune_run(nar, runs["data"], out, "dpo", pairs=pairs,
+                 overrides=("train.epochs=1", "train.num_threads=1"))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["valid/kl_ref"]) and r["valid/kl_ref"] >= -1e-6 for r in records)
+    assert load_model(out, "best")[0].name == "nar4rec"
+
+
+def test_ppo_on_simulated_feedback_is_labelled_an_online_stand_in(
+        runs: dict[str, Path]) -> None:
+    out = runs["root"] / "ppo_feedback"
+    finetune_run(runs["autoregressive"], runs["data"], out, "ppo",
+                 reward_source="simulated_feedback",
+                 overrides=("train.epochs=1", "train.batch_size=64", "loss.0.group_size=2",
+                            "train.num_threads=1"))
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["finetune"]["reward_source"] == "simulated_feedback"
+    assert config["finetune"]["online_stand_in"] is True
+    with pytest.raises(ValueError, match="simulated_feedback' is for ppo"):
+        finetune_run(runs["autoregressive"], runs["data"], runs["root"] / "x", "dpo",
+                     pairs=runs["pairs"], reward_source="simulated_feedback")

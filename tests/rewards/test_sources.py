@@ -110,3 +110,29 @@ def test_evaluator_dcg_engagement_is_score_lists(sim_dir) -> None:
     out = reward(batch, lists, EvaluatorSignals(model))
     assert out.source == "evaluator"
     torch.testing.assert_close(out.total, model.score_lists(batch, lists), atol=1e-5, rtol=0)
+
+
+def test_simulated_feedback_is_seeded_trainable_labelled_and_centred_on_the_oracle(
+        sim_dir) -> None:
+    from genrerank.rewards import SimulatedFeedback
+
+    ds = RerankDataset(sim_dir, split="test")
+    batch = collate([ds[i] for i in range(len(ds))])
+    lists = random_lists(batch, 2, 4, seed=5, holes=False)
+    first = SimulatedFeedback(ds, seed=3).signals(batch, lists)
+    again = SimulatedFeedback(ds, seed=3).signals(batch, lists)
+    other = SimulatedFeedback(ds, seed=4).signals(batch, lists)
+    assert first.source == "simulated_feedback"
+    for s in first.values:
+        assert torch.equal(first.values[s], again.values[s])  # seeded
+        if s != "watch_time":  # realised events, not expectations
+            assert set(first.values[s].unique().tolist()) <= {0.0, 1.0}
+    assert any(not torch.equal(first.values[s], other.values[s]) for s in first.values)
+    source = SimulatedFeedback(ds, seed=0)
+    assert source.for_training and source.online_stand_in
+    require_training_source(source, "test")  # allowed to train, unlike the oracle
+    # Averaged over many draws the sampled click rate approaches the oracle's expectation.
+    exact = OracleSignals(ds).signals(batch, lists).values["click"].sum()
+    draws = torch.stack([source.signals(batch, lists).values["click"].sum()
+                         for _ in range(400)])
+    assert abs(float(draws.mean()) - float(exact)) < 4 * float(draws.std()) / 20 + 1e-6
