@@ -9,7 +9,7 @@ effects are therefore already inside the values, whichever source gave them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -162,13 +162,18 @@ class OracleSignals(SignalSource):
             state = self.simulator.requests(self._sim_index[self._positions(batch.request_index)])
             rep = state.take(np.repeat(np.arange(b), k))
             flat = lists.reshape(b * k, m).cpu().numpy()
-            expected = self.simulator.expected_signals(rep, np.maximum(flat, 0), flat >= 0)
+            found = self._per_slot(rep, np.maximum(flat, 0), flat >= 0)
             for s in self.labels:
-                if s in expected:
-                    v = torch.as_tensor(np.asarray(expected[s], dtype=np.float32),
+                if s in found:
+                    v = torch.as_tensor(np.asarray(found[s], dtype=np.float32),
                                         device=device).reshape(b, k, m)
                     values[s] = torch.where(filled, v, 0.0)
         return ListSignals(self.name, values, filled)
+
+    def _per_slot(self, state: Any, lists: np.ndarray, mask: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+        """Signal -> ``[L, m]`` per slot of the flattened lists: the exact expectations."""
+        return self.simulator.expected_signals(state, lists, mask)
 
 
 class SimulatedFeedback(OracleSignals):
@@ -186,24 +191,9 @@ class SimulatedFeedback(OracleSignals):
         super().__init__(dataset)
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 31_337]))
 
-    def signals(self, batch: Batch, lists: torch.Tensor) -> ListSignals:
-        lists = _check_lists(batch, lists, "simulated feedback")
-        b, k, m = lists.shape
-        device = lists.device
-        filled = lists >= 0
-        values = {s: torch.zeros(b, k, m, device=device) for s in self.labels}
-        if b * k and m:
-            state = self.simulator.requests(self._sim_index[self._positions(batch.request_index)])
-            rep = state.take(np.repeat(np.arange(b), k))
-            flat = lists.reshape(b * k, m).cpu().numpy()
-            sampled = self.simulator.sample_feedback(rep, np.maximum(flat, 0), self.rng,
-                                                     flat >= 0)
-            for s in self.labels:
-                if s in sampled:
-                    v = torch.as_tensor(np.asarray(sampled[s], dtype=np.float32),
-                                        device=device).reshape(b, k, m)
-                    values[s] = torch.where(filled, v, 0.0)
-        return ListSignals(self.name, values, filled)
+    def _per_slot(self, state: Any, lists: np.ndarray, mask: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+        return self.simulator.sample_feedback(state, lists, self.rng, mask)
 
 
 def require_training_source(source: SignalSource, purpose: str) -> None:
