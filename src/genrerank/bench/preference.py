@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from genrerank.bench.quality import mean_std
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.pairs import PairRule, read_pairs, reselect_pairs, write_pairs
 from genrerank.evaluation.offline import predict
@@ -403,23 +404,16 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     "evaluator_diversity", "evaluator_fairness", "category_entropy",
                     "kl_to_reference"):
             vals = [r.get(key) for r in rows if r.get(key) is not None]
-            metrics[key] = _mean_std(vals)
+            metrics[key] = mean_std(vals)
         for pair in ("vs_reference", "vs_ge_k16"):
             if pair in rows[0]:
                 metrics[pair] = {
-                    "diff": _mean_std([r[pair]["diff"] for r in rows]),
+                    "diff": mean_std([r[pair]["diff"] for r in rows]),
                     "z": [r[pair]["z"] for r in rows],
                     "above_2se": [bool(r[pair]["diff"] > 2 * r[pair]["se"]) for r in rows],
                 }
         out[name] = metrics
     return out
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, Any]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return {"mean": float(np.mean(vals)) if vals else None,
-            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals),
-            "values": vals}
 
 
 def _fmt(stat: Mapping[str, Any], digits: int = 3) -> str:
