@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from genrerank.bench.quality import mean_std
+from genrerank.bench.quality import _json_safe, mean_std
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.pairs import PairRule, read_pairs, reselect_pairs, write_pairs
 from genrerank.evaluation.offline import predict
@@ -586,20 +586,8 @@ def _write(paths: Mapping[str, Path], records: Mapping[str, list[dict[str, Any]]
                              "summary": summarize(recs), "records": recs}
                          for p, recs in merged.items() if recs},
         }
-        atomic_write_json(paths["json"], _jsonable(result))
+        atomic_write_json(paths["json"], _json_safe(result))
         atomic_write_text(paths["md"], markdown(result))
         plot_pareto(result, paths["pareto"])
     lock.unlink(missing_ok=True)
     return result
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
