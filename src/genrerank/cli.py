@@ -600,13 +600,40 @@ def bench() -> None:
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--shared-data", type=click.Path(path_type=Path), default=None,
               help="Folder with the real logs (default: $GENRERANK_SHARED_DATA or ../shared/data).")
+@click.option("--models", default=None,
+              help="Comma-separated models to train (default: all); a subset skips the "
+                   "generator-evaluator unless it has nar4rec and autoregressive.")
+@click.option("--datasets", default=None,
+              help="Comma-separated data sets (default: avito, kuaishou, mind, ebnerd).")
+@click.option("--no-ablations", is_flag=True, help="Skip the ablations on kuaishou.")
+@click.option("--merge", is_flag=True,
+              help="Add the rows measured now to the existing result file (same seeds).")
 @_user_errors
-def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | None) -> None:
+def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | None,
+                  models: str | None, datasets: str | None, no_ablations: bool,
+                  merge: bool) -> None:
     """Every model on simulated avito and kuaishou, MIND and EB-NeRD; ablations; decoding."""
-    from genrerank.bench.quality import run_quality_benchmark
+    import dataclasses
+
+    from genrerank.bench.quality import QualitySettings, run_quality_benchmark
 
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-    run_quality_benchmark(quick=quick, out_dir=out_dir, seeds=seed_list, shared_data=shared_data)
+    settings = QualitySettings.quick() if quick else QualitySettings.full()
+    if models:
+        settings.models = tuple(m.strip() for m in models.split(",") if m.strip())
+    if datasets:
+        names = [d.strip() for d in datasets.split(",") if d.strip()]
+        known = [*settings.simulated, *settings.real]
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"unknown data set(s) {unknown}; known: {known}")
+        settings = dataclasses.replace(
+            settings, simulated={k: v for k, v in settings.simulated.items() if k in names},
+            real=tuple(r for r in settings.real if r in names))
+    if no_ablations:
+        settings.ablations = False
+    run_quality_benchmark(quick=quick, out_dir=out_dir, seeds=seed_list, shared_data=shared_data,
+                          settings=settings, merge=merge)
 
 
 @bench.command("preference")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 MODEL_NAMES: tuple[str, ...] = (
     "autoregressive", "evaluator", "hierarchical", "logging", "nar4rec", "pointwise", "prm",
+    "structured",
 )
 DECODER_NAMES: tuple[str, ...] = (
     "beam", "context", "contrastive", "greedy", "hungarian", "sample", "satiation",

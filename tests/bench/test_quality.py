@@ -125,7 +125,7 @@ def test_json_structure(bench: dict[str, Any]) -> None:
     widths = {c["model"]["dim"] for c in result["configs"].values() if "dim" in c["model"]}
     assert widths == {8}
     assert "logging" in result["configs"]  # the baseline is trained by the same trainer
-    assert set(result["targets"]) == {"a", "b", "d", "e", "f"}
+    assert set(result["targets"]) == {"a", "b", "d", "e", "f", "g"}
     # The learnable-ceiling rows come from the oracle, between the logging policy and the bound.
     for row in quality.CEILINGS:
         gain = avito["summary"][row]["online"]["expected_gain"]["mean"]
@@ -254,3 +254,32 @@ def test_ablation_variants_are_checked_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown ablation variant"):
         run_quality_benchmark(quick=True, out_dir=tmp_path, settings=settings, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_merge_replaces_only_the_rows_measured_again(bench: dict[str, Any], tmp_path: Path
+                                                      ) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    first = output_paths(bench["out"], quick=True)["json"]
+    (out / first.name).write_text(first.read_text())
+    before = json.loads(first.read_text())["datasets"]["avito"]
+    settings = QualitySettings(simulated={"avito": 300}, ablation_dataset="avito", epochs=1,
+                               patience=1, dim=8, batch_size=64, upper_bound_beam_width=2,
+                               ablations=False, models=("structured",))
+    merged = run_quality_benchmark(quick=True, out_dir=out, seeds=SEEDS, progress=False,
+                                   shared_data=tmp_path / "absent", settings=settings,
+                                   merge=True)
+    avito = merged["datasets"]["avito"]
+    # The structured rows are the new ones; every other row is the first run's, untouched.
+    assert [r["seed"] for r in avito["runs"]["structured"]] == list(SEEDS)
+    for variant, records in before["runs"].items():
+        if variant != "structured":
+            assert avito["runs"][variant] == records, variant
+    assert avito["generator_evaluator"] == before["generator_evaluator"]
+    assert avito["summary"]["structured"] == summarize(avito["runs"]["structured"])
+    assert [i["models"] for i in merged["invocations"]][-1] == ["structured"]
+    assert len(merged["invocations"]) == 2
+    # Other seeds than the file's are refused before any work.
+    with pytest.raises(ValueError, match="seeds"):
+        run_quality_benchmark(quick=True, out_dir=out, seeds=(5,), progress=False,
+                              shared_data=tmp_path / "absent", settings=settings, merge=True)

@@ -241,10 +241,7 @@ class _Seed:
         spec = self.test.spec
         engagement = ListReward({"engagement": 1.0}, spec=spec)
         report = ListReward({"engagement": 1.0, "diversity": 1.0, "fairness": 1.0}, spec=spec)
-        logged = np.full((len(self.test), spec.max_list_length), -1)
-        for i in range(len(self.test)):
-            e = self.test._exposed[i]
-            logged[i, :len(e)] = e
+        logged = self.test.logged_lists()
         logging_gain = float(self.oracle(logged).mean())
         _, upper = self.sim.upper_bound(self.state, beam_width=s.upper_bound_beam_width)
         upper_gain = float(upper.mean())

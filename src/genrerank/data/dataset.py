@@ -161,6 +161,15 @@ class RerankDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def logged_lists(self) -> np.ndarray:
+        """``[R, M]`` the logged (exposed) list of every request, ``-1`` after its end;
+        ``M = spec.max_list_length``."""
+        out = np.full((len(self), max(self.spec.max_list_length, 1)), -1, dtype=np.int64)
+        for i in range(len(self)):
+            shown = self._exposed[i]
+            out[i, : len(shown)] = shown
+        return out
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {
             "request_index": int(self.rows[i]),

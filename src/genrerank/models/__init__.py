@@ -8,6 +8,7 @@ from genrerank.models import (  # noqa: F401  (registration)
     nar4rec,
     pointwise,
     prm,
+    structured,
 )
 from genrerank.models.base import MODELS, RerankModel, build_model, register_model
 

@@ -299,6 +299,22 @@ class Simulator:
             return lists, gains, beam_lists, beam_gains
         return lists, gains
 
+    def list_ceiling(
+        self, state: RequestState, appeal: np.ndarray, beam_width: int = 16, m: int | None = None
+    ) -> np.ndarray:
+        """[B] true expected gains of the lists beam search finds under the TRUE list model
+        (satiation, complementarity, scroll, position) when the candidates' appeal is
+        ``appeal [B, n]`` (an estimate, e.g. a model's) instead of the true one. Scored under the
+        true state: what a perfect list model could serve with that knowledge of appeal."""
+        appeal = np.asarray(appeal, dtype=np.float64)
+        if appeal.shape != state.appeal.shape:
+            raise ValueError(f"appeal must be [B, n] = {state.appeal.shape}, got {appeal.shape}")
+        if not np.isfinite(appeal).all():
+            raise ValueError("appeal has NaN or infinite values")
+        lists, _ = self.upper_bound(dataclasses.replace(state, appeal=appeal),
+                                    beam_width=beam_width, m=m)
+        return self.expected_gain(state, lists)
+
     def _beam_search(
         self, st: RequestState, width: int, m: int
     ) -> tuple[np.ndarray, np.ndarray]:
