@@ -138,11 +138,12 @@ class StructuredListModel(RerankModel):
 
     def list_effects(self) -> dict[str, float]:
         """The fitted list terms in readable units (for logs and the README)."""
-        sat = F.softplus(self.satiation).tolist()
-        return {"satiation_category": sat[0], "satiation_creator": sat[1],
-                "satiation_decay": float(torch.sigmoid(self.satiation_decay)),
-                "scroll_slope": float(self.scroll_slope),
-                "scroll_satisfaction": float(self.scroll_satisfaction)}
+        with torch.no_grad():
+            sat = F.softplus(self.satiation).tolist()
+            return {"satiation_category": sat[0], "satiation_creator": sat[1],
+                    "satiation_decay": torch.sigmoid(self.satiation_decay).item(),
+                    "scroll_slope": self.scroll_slope.item(),
+                    "scroll_satisfaction": self.scroll_satisfaction.item()}
 
     def slot_probabilities(
         self, batch: Batch, s: torch.Tensor, tokens: torch.Tensor, user: torch.Tensor,
@@ -173,7 +174,10 @@ class StructuredListModel(RerankModel):
         if self.pair is not None:
             table = (self.pair + self.pair.T) / 2
             c = cat.clamp(0, table.shape[0] - 1)
-            comp = table[c.unsqueeze(-1), c.unsqueeze(-2)] * pair_ok
+            # Unknown categories (0) pair with nothing, as in satiation.
+            known = (c > 0).to(s.dtype)
+            comp = table[c.unsqueeze(-1), c.unsqueeze(-2)] * pair_ok \
+                * known.unsqueeze(-1) * known.unsqueeze(-2)
             z = z + torch.einsum("bgkj,kj->bgj", comp,
                                  _decay(m, torch.sigmoid(self.pair_decay), True, s.device))
         pos = torch.arange(m, device=s.device, dtype=s.dtype)
@@ -203,6 +207,9 @@ class StructuredListModel(RerankModel):
 
     def forward(self, batch: Batch, list_length: int | None = None) -> StructuredOutput:
         m = list_length or batch.position_mask.shape[1]
+        if max(m, batch.position_mask.shape[1]) > self.max_positions:
+            raise ValueError(f"structured: list length {max(m, batch.position_mask.shape[1])} "
+                             f"exceeds max_positions {self.max_positions}")
         s, tokens, user = self.appeal(batch)
         base = item_scores_output(s, batch.candidate_mask, m, self.position_bias, tokens)
         logged = torch.where(batch.position_mask, batch.exposed, -1).unsqueeze(1)
@@ -229,7 +236,8 @@ class StructuredListModel(RerankModel):
             raise ValueError(f"structured: unknown decoder option(s) {sorted(params)}")
         if constraints is not None and any(c is not None for c in constraints):
             raise ValueError("structured: constraints are not supported yet")
-        width = 1 if decoder == "greedy" else int(beam_width or self.config.beam_width)
+        width = 1 if decoder == "greedy" else int(
+            self.config.beam_width if beam_width is None else beam_width)
         if width < 1:
             raise ValueError(f"structured: beam_width must be >= 1, got {width}")
         mask = batch.candidate_mask
@@ -248,17 +256,21 @@ class StructuredListModel(RerankModel):
             raise ValueError(f"structured: list length {m} exceeds max_positions "
                              f"{self.max_positions}")
         s, tokens, user = self.appeal(batch)
-        # Search only the `pool` candidates of highest appeal (all when pool = 0 or >= n).
-        pool = n if self.config.pool == 0 else min(self.config.pool, n)
+        # Search only the `pool` candidates of highest appeal (all when pool = 0 or >= n); never
+        # fewer than the list needs.
+        pool = n if self.config.pool == 0 else min(max(self.config.pool, m), n)
         order = s.masked_fill(~mask, float("-inf")).topk(pool, dim=1).indices  # [B, P]
         pool_ok = mask.gather(1, order)
         beams = torch.zeros(b, 1, 0, dtype=torch.long, device=mask.device)
+        # A beam kept only to fill the width (no valid extension left) stays dead.
+        alive = torch.ones(b, 1, dtype=torch.bool, device=mask.device)
         for j in range(m):
             k = beams.shape[1]
             used = torch.zeros(b, k, n, dtype=torch.bool, device=mask.device)
             if j:
                 used.scatter_(2, beams, True)
-            ok = pool_ok.unsqueeze(1) & ~used.gather(2, order.unsqueeze(1).expand(b, k, pool))
+            ok = alive.unsqueeze(-1) & pool_ok.unsqueeze(1) \
+                & ~used.gather(2, order.unsqueeze(1).expand(b, k, pool))
             ext = torch.cat([beams.unsqueeze(2).expand(b, k, pool, j),
                              order.view(b, 1, pool, 1).expand(b, k, pool, 1)], -1)
             ext = ext.reshape(b, k * pool, j + 1)
