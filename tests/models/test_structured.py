@@ -419,3 +419,20 @@ def test_trains_with_the_packaged_config_and_reloads_to_the_same_lists(
     lengths = batch.position_mask.sum(1)
     assert torch.equal(loaded.generate(batch, lengths), model.generate(batch, lengths))
     assert torch.equal(loaded.generate(batch, 6, "greedy"), model.generate(batch, 6, "greedy"))
+
+
+def test_a_finished_run_evaluates_and_its_export_is_refused_in_one_line(
+        sim: Path, tmp_path: Path) -> None:
+    from genrerank.experiment import evaluate_run, train_run
+    from genrerank.serving.export import export_run
+
+    run = tmp_path / "run"
+    train_run("structured", sim, run, overrides=(
+        "train.epochs=1", "train.progress=false", "train.batch_size=32", "model.dim=16",
+        "model.hidden=16"))
+    result = evaluate_run(run, sim, tmp_path / "eval.json")
+    assert result["decoder"]["name"] == "beam"
+    assert math.isfinite(result["online"]["expected_gain"])
+    with pytest.raises(ValueError, match="'structured' has no ONNX export yet"):
+        export_run(run, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
