@@ -178,7 +178,7 @@ def test_bad_configs_are_named(data: Path, models: dict, tmp_path: Path) -> None
         build_generator({"type": "perturb", "swap": 2})
     with pytest.raises(ValueError, match="unknown key"):
         Pipeline.from_config({"generators": [{"type": "logging"}], "k": 3})
-    with pytest.raises(ValueError, match="not an evaluator"):
+    with pytest.raises(ValueError, match="does not score lists"):
         Pipeline([UpstreamOrder()], models["nar4rec"])
     with pytest.raises(ValueError, match="needs a 'autoregressive' run"):
         AutoregressiveGenerator(models["nar4rec"])

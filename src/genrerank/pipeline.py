@@ -308,8 +308,9 @@ class Pipeline:
                  max_lists: int | None = None) -> None:
         if not generators:
             raise ValueError("pipeline: needs at least one generator")
-        if evaluator is not None and evaluator.kind != "evaluator":
-            raise ValueError(f"pipeline: {evaluator.name!r} is not an evaluator model")
+        if evaluator is not None and not getattr(evaluator, "scores_lists", False):
+            raise ValueError(f"pipeline: {evaluator.name!r} does not score lists (use the "
+                             "list evaluator or the structured model)")
         if max_lists is not None and max_lists < 1:
             raise ValueError(f"pipeline: max_lists must be >= 1, got {max_lists}")
         self.generators = list(generators)

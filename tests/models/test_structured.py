@@ -436,3 +436,37 @@ def test_a_finished_run_evaluates_and_its_export_is_refused_in_one_line(
     with pytest.raises(ValueError, match="'structured' has no ONNX export yet"):
         export_run(run, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_it_scores_given_lists_like_an_evaluator(data: RerankDataset) -> None:
+    """score_lists / signal_probabilities (the evaluator's signatures): empty slots inside a
+    list are dropped and the items below move up, probabilities come back at the input slots,
+    a list without items scores -inf, and the pipeline and the reward source accept it."""
+    from genrerank.pipeline import Pipeline, UpstreamOrder
+    from genrerank.rewards.sources import EvaluatorSignals
+
+    model = _model(data.spec)
+    batch = collate([data[i] for i in range(3)])
+    gapped = torch.tensor([[0, -1, 3, 2, -1, 5], [4, 1, -1, -1, 7, 8], [-1] * 6])
+    compact = torch.tensor([[0, 3, 2, 5, -1, -1], [4, 1, 7, 8, -1, -1], [-1] * 6])
+    lists = torch.stack([gapped, compact], 1)  # [B=3, K=2, m=6]
+    with torch.no_grad():
+        s, tokens, user = model.appeal(batch)
+        want = model.slot_probabilities(batch, s, tokens, user, compact.unsqueeze(1).expand(
+            3, 2, 6).clone())
+    got = model.signal_probabilities(batch, lists)
+    for sig, p in got.items():
+        assert torch.allclose(p[:, 1], want[sig][:, 1])  # compact lists: as they are
+        for b in range(2):  # gapped lists: the compact values at the filled input slots
+            filled = gapped[b] >= 0
+            assert torch.allclose(p[b, 0][filled], want[sig][b, 0][: int(filled.sum())])
+            assert (p[b, 0][~filled] == 0).all()
+    scores = model.score_lists(batch, lists)
+    gain = model.expected_gain(want)
+    assert torch.allclose(scores[:2], gain[:2])
+    assert torch.isinf(scores[2]).all() and (scores[2] < 0).all()
+    discounted = model.score_lists(batch, lists, discount=True)
+    assert torch.allclose(discounted[:2, 0], discounted[:2, 1])
+    assert (discounted[:2] < scores[:2]).all()
+    Pipeline([UpstreamOrder()], evaluator=model)
+    EvaluatorSignals(model)

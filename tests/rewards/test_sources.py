@@ -66,7 +66,7 @@ def test_require_training_source(sim_dir) -> None:
     require_training_source(EvaluatorSignals(model), "train")
     with pytest.raises(ValueError, match="'oracle' reward is for evaluation only"):
         require_training_source(OracleSignals(data), "finetune")
-    with pytest.raises(ValueError, match="kind 'evaluator'"):
+    with pytest.raises(ValueError, match="need a model that scores lists"):
         EvaluatorSignals(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
 
 

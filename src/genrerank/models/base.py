@@ -50,6 +50,9 @@ class RerankModel(nn.Module):
     #: True for models whose lists depend on earlier choices (autoregressive): their
     #: ``log_probs`` are teacher-forced on the logged list, and lists come from ``generate``.
     stepwise: ClassVar[bool] = False
+    #: True for models that score lists they are given (``score_lists``,
+    #: ``signal_probabilities``): usable as a pipeline's evaluator or a reward model.
+    scores_lists: ClassVar[bool] = False
 
     def forward(self, batch: Batch) -> Any:  # -> ModelOutput
         raise NotImplementedError

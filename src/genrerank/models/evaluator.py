@@ -94,6 +94,7 @@ class ListEvaluator(RerankModel):
 
     Config = EvaluatorConfig
     kind = "evaluator"
+    scores_lists = True  # score_lists / signal_probabilities (see also models/structured.py)
 
     def __init__(self, spec: FeatureSpec, config: EvaluatorConfig) -> None:
         super().__init__(spec, config)

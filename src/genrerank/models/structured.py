@@ -26,6 +26,9 @@ list its own predicted gain likes best. Reading order:
 5. Lists: beam search under the model's expected gain ``sum_j sum_s w_s P(s_j)``
    (``generate`` with decoder ``beam``, or ``greedy`` = width 1), over the ``pool`` candidates
    of highest appeal. Constraints and ONNX export are not supported yet.
+6. As a list scorer (``scores_lists``): ``score_lists`` and ``signal_probabilities`` have the
+   list evaluator's signatures, so the model can pick among a pipeline's proposals or score
+   near-line lists as a reward model.
 
 Padding: padded candidates are never searched, padded or empty slots are dropped (the items
 below move up, as in the simulator) and are no context for others.
@@ -33,8 +36,9 @@ below move up, as in the simulator) and are no context for others.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,7 @@ from genrerank.data.signals import click_signal, gain_weights
 from genrerank.decoding import DecodedLists
 from genrerank.losses.base import ModelOutput
 from genrerank.models.base import RerankModel, register_model
+from genrerank.models.evaluator import compact_lists
 from genrerank.models.pointwise import item_scores_output
 from genrerank.modules.features import FeatureEmbedding
 
@@ -88,6 +93,7 @@ def _decay(m: int, rate: torch.Tensor, strict: bool, device: torch.device) -> to
 class StructuredListModel(RerankModel):
     Config = StructuredConfig
     stepwise = True  # lists come from generate (beam search under the model's own gain)
+    scores_lists: ClassVar[bool] = True  # score_lists / signal_probabilities, as an evaluator
 
     def __init__(self, spec: FeatureSpec, config: StructuredConfig) -> None:
         super().__init__(spec, config)
@@ -202,6 +208,46 @@ class StructuredListModel(RerankModel):
     def expected_gain(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, K]`` the model's expected gain of each list."""
         return sum(self.gain_weights[s] * p for s, p in probs.items()).sum(-1)  # type: ignore
+
+    # ------------------------------------------------------------------ scoring given lists
+
+    @torch.inference_mode()
+    def signal_probabilities(self, batch: Batch, lists: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Signal -> ``[B, K, m]`` predicted probability at each input slot of ``lists
+        [B, K, m]`` (``-1`` = empty slot: dropped, the items below move up; 0 there). The list
+        evaluator's signature (:meth:`ListEvaluator.signal_probabilities`)."""
+        if lists.dim() != 3 or lists.shape[0] != batch.batch_size:
+            raise ValueError(f"structured: lists must be [B, K, m] with B = {batch.batch_size}, "
+                             f"got {tuple(lists.shape)}")
+        b, k, m = lists.shape
+        if m > self.max_positions:
+            raise ValueError(f"structured: list length {m} exceeds max_positions "
+                             f"{self.max_positions}")
+        lists = lists.to(batch.candidate_mask.device).long()
+        compact, filled, order = compact_lists(lists)
+        compact = torch.where(filled, compact, -1)
+        s, tokens, user = self.appeal(batch)
+        probs = self.slot_probabilities(batch, s, tokens, user, compact)
+        # Back to the input slots: compacted slot c came from slot order[..., c].
+        return {sig: torch.zeros_like(p).scatter(-1, order, p) for sig, p in probs.items()}
+
+    @torch.inference_mode()
+    def score_lists(self, batch: Batch, lists: torch.Tensor, valid: torch.Tensor | None = None,
+                    discount: bool = False) -> torch.Tensor:
+        """``[B, K]`` the model's expected gain of each list (``-inf`` where ``valid`` is False;
+        by default a list is valid when it has an item). Undiscounted by default: the model's
+        probabilities already hold the position effects; ``discount=True`` divides slot j by
+        ``log2(j + 2)`` as the list evaluator's default does."""
+        probs = self.signal_probabilities(batch, lists)
+        per_slot = sum(self.gain_weights[s] * p for s, p in probs.items())
+        if discount:
+            filled = (lists >= 0).to(per_slot.device)
+            rank = filled.long().cumsum(-1) - 1  # slot after the empty ones are dropped
+            per_slot = per_slot / torch.log2(rank.clamp_min(0).to(per_slot.dtype) + 2.0)
+        scores = per_slot.sum(-1)  # type: ignore[union-attr]
+        if valid is None:
+            valid = (lists >= 0).any(-1)
+        return torch.where(valid.to(scores.device).bool(), scores, -math.inf)
 
     # ------------------------------------------------------------------ forward / generate
 

@@ -52,8 +52,9 @@ def load_generator_and_evaluator(generator_run: str | Path, evaluator_run: str |
     evaluator, _ = load_model(check_run(evaluator_run), "best")
     if getattr(generator, "kind", "generator") != "generator":
         raise ValueError(f"{generator_run}: not a generator run (it writes no lists)")
-    if getattr(evaluator, "kind", "") != "evaluator":
-        raise ValueError(f"{evaluator_run}: not a list evaluator run (train --model evaluator)")
+    if not getattr(evaluator, "scores_lists", False):
+        raise ValueError(f"{evaluator_run}: not a run that scores lists (train --model "
+                         "evaluator, or --model structured)")
     return generator, evaluator
 
 

@@ -108,9 +108,10 @@ class EvaluatorSignals(SignalSource):
     for_training = True
 
     def __init__(self, evaluator: RerankModel) -> None:
-        kind = getattr(evaluator, "kind", None)
-        if kind != "evaluator":
-            raise ValueError(f"evaluator rewards need a model of kind 'evaluator', got {kind!r}")
+        if not getattr(evaluator, "scores_lists", False):
+            raise ValueError("evaluator rewards need a model that scores lists (the list "
+                             "evaluator or the structured model), got "
+                             f"{getattr(evaluator, 'name', type(evaluator).__name__)!r}")
         self.evaluator = evaluator
 
     def signals(self, batch: Batch, lists: torch.Tensor) -> ListSignals:
