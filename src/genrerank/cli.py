@@ -404,11 +404,14 @@ def finetune(init_run: Path, method: str, data_dir: Path, out_dir: Path, pairs: 
 @click.option("--decoder-param", "decoder_params", multiple=True, help="key=value, e.g. alpha=0.6")
 @click.option("--constraints", "constraints_file", type=click.Path(path_type=Path), default=None,
               help=_CONSTRAINTS_HELP)
+@click.option("--list-ceiling", is_flag=True,
+              help="Simulated data: add the best list the true list model finds on this model's "
+                   "own appeal (an oracle diagnostic: the list-level value left to learn).")
 @_validation_option
 @_user_errors
 def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
              out_file: Path | None, decoder: str | None, decoder_params: tuple[str, ...],
-             constraints_file: Path | None) -> None:
+             constraints_file: Path | None, list_ceiling: bool) -> None:
     """Evaluate a run's selected model, or a pipeline, on the test split (offline; online on
     simulator data). With --constraints the result reports constraint_violations (0)."""
     import json
@@ -421,6 +424,8 @@ def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
             raise click.UsageError("--decoder applies to --run; a pipeline config names its own")
         if constraints is not None:
             raise click.UsageError("--constraints applies to --run; a pipeline decodes under none")
+        if list_ceiling:
+            raise click.UsageError("--list-ceiling applies to --run")
         from genrerank.evaluation.generator_evaluator import evaluate_pipeline_config
 
         result = evaluate_pipeline_config(pipeline_config, data_dir, out_file)
@@ -428,7 +433,8 @@ def evaluate(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path,
         from genrerank.experiment import evaluate_run
 
         result = evaluate_run(run_dir, data_dir, out_file, decoder,
-                              _parse_options(decoder_params), constraints=constraints)
+                              _parse_options(decoder_params), constraints=constraints,
+                              list_ceiling=list_ceiling)
     click.echo(json.dumps(result, indent=2))
 
 

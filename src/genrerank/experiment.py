@@ -366,9 +366,12 @@ def evaluate_run(
     decoder_params: dict[str, Any] | None = None,
     split: str = "test",
     constraints: ConstraintSet | None = None,
+    list_ceiling: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run's selected (best) model on ``split`` of ``data_dir``, under
-    ``constraints`` when given (else the run's own ``decode.constraints``, if any)."""
+    ``constraints`` when given (else the run's own ``decode.constraints``, if any).
+    ``list_ceiling`` (simulated data, generators only) adds the list ceiling on the model's
+    own appeal (:mod:`genrerank.evaluation.ceilings`; calibrated on the valid split)."""
     run_dir = Path(run_dir)
     model, meta, decode_cfg = load_run_for_decoding(run_dir, decoder, decoder_params)
     dataset = RerankDataset(data_dir, split=split)
@@ -377,6 +380,10 @@ def evaluate_run(
     _check_compatible(model.spec, dataset.spec)
     if getattr(model, "kind", "generator") == "evaluator" and constraints is not None:
         raise ValueError(f"run {run_dir} is a list evaluator: it writes no lists to constrain")
+    if list_ceiling and ("simulator" not in dataset.spec.extra
+                         or getattr(model, "kind", "generator") == "evaluator"):
+        raise ValueError("the list ceiling needs a generator run and simulated data (the true "
+                         "user model)")
     if getattr(model, "kind", "generator") == "evaluator":  # scores lists, writes none
         from genrerank.evaluation.list_scoring import evaluate_list_scorer
 
@@ -395,6 +402,10 @@ def evaluate_run(
         "selected_epoch": (meta.get("best_metric") or {}).get("epoch"),
         **evaluated,
     }
+    if list_ceiling:
+        from genrerank.evaluation.ceilings import list_ceiling as ceiling
+
+        result["list_ceiling"] = ceiling(model, RerankDataset(data_dir, split="valid"), dataset)
     if out_file is not None:
         atomic_write_json(out_file, result)
     return result

@@ -85,7 +85,8 @@ def list_ceiling(
     logging_gain = float(sim.expected_gain(state, np.maximum(logged, 0), logged >= 0).mean())
     _, upper = sim.upper_bound(state, beam_width=beam_width)
     upper_gain = float(upper.mean())
-    sort = np.argsort(-estimate, axis=1, kind="stable")[:, :m]
+    # The model's own order (the raw logits: a negative calibration slope must not flip it).
+    sort = np.argsort(-np.where(real, raw, -np.inf), axis=1, kind="stable")[:, :m]
     sort_gain = float(sim.expected_gain(state, sort).mean())
     beam = sim.list_ceiling(state, estimate, beam_width=beam_width)
     beam_gain = float(beam.mean())
