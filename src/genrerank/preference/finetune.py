@@ -168,8 +168,9 @@ def finetune_run(
         if evaluator is None:
             raise ValueError(f"finetune --method {method} needs --evaluator (the reward model)")
         evaluator_model = frozen(load_model(check_run(evaluator), "best")[0])
-        if getattr(evaluator_model, "kind", "") != "evaluator":
-            raise ValueError(f"{evaluator}: not a list evaluator run")
+        if not getattr(evaluator_model, "scores_lists", False):
+            raise ValueError(f"{evaluator}: not a run that scores lists (the list evaluator "
+                             "or the structured model)")
         source = EvaluatorSignals(evaluator_model)
     else:
         raise ValueError(f"finetune: unknown reward source {reward_source!r}; choose "
