@@ -267,6 +267,29 @@ def dataset_summary(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str
     return summary
 
 
+def earlier_invocations(previous: Mapping[str, Any]) -> list[Any]:
+    """The invocations an earlier result records (a list of entries; older files hold one
+    description string), or one entry made from its date and configs."""
+    recorded = previous.get("invocations")
+    if isinstance(recorded, list):
+        return list(recorded)
+    if isinstance(recorded, str):
+        return [recorded]
+    return [{"date": previous.get("date"), "wall_time_s": previous.get("wall_time_s"),
+             "models": list(previous.get("configs", {})),
+             "datasets": sorted(previous.get("datasets", {}))}]
+
+
+def _invocation_line(entry: Any) -> str:
+    if isinstance(entry, str):
+        return entry
+    text = (f"{entry.get('date')}: {', '.join(entry.get('models', []))} on "
+            f"{', '.join(entry.get('datasets', []))}")
+    extra = [f"commit {entry['commit']}"] if entry.get("commit") else []
+    extra += [entry["note"]] if entry.get("note") else []
+    return text + (f" ({'; '.join(extra)})" if extra else "")
+
+
 def merge_datasets(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``old``'s data sets with the rows ``new`` measured replaced or added, per data set.
 
@@ -756,10 +779,7 @@ def run_quality_benchmark(
     if previous is not None:
         datasets = merge_datasets(previous["datasets"], datasets)
         configs = {**previous.get("configs", {}), **configs}
-        invocations = [*previous.get("invocations", [{
-            "date": previous.get("date"), "wall_time_s": previous.get("wall_time_s"),
-            "models": list(previous.get("configs", {})), "datasets": sorted(previous["datasets"]),
-        }]), invocation]
+        invocations = [*earlier_invocations(previous), invocation]
     result: dict[str, Any] = {
         "benchmark": "quality",
         "quick": quick,
@@ -778,16 +798,21 @@ def run_quality_benchmark(
         "invocations": invocations,
         "datasets": datasets,
     }
-    result["targets"] = targets(result)
     if quick:
         result["estimated_full_run_s"] = estimate_full_seconds(result, QualitySettings.full())
     if keep_runs:
         result["work_dir"] = str(work)
+    return write_result(result, paths, progress)
+
+
+def write_result(result: dict[str, Any], paths: Mapping[str, Path], progress: bool = False
+                 ) -> dict[str, Any]:
+    """Targets, then the JSON, Markdown and plots of a (possibly merged) result."""
+    result["targets"] = targets(result)
     result = _json_safe(result)
     atomic_write_json(paths["json"], result)
     paths["json"].with_suffix(".partial.json").unlink(missing_ok=True)
-    markdown = render_markdown(result)
-    atomic_write_text(paths["md"], markdown)
+    atomic_write_text(paths["md"], render_markdown(result))
     from genrerank.bench.plots import plot_quality
 
     plot_quality(result, paths["png"])
@@ -797,8 +822,8 @@ def run_quality_benchmark(
         plot_k_curve(result, paths["kcurve"])
     if progress:
         print(render_targets(result), flush=True)
-        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}, {paths['kcurve']} in "
-              f"{wall:.0f}s", flush=True)
+        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}, {paths['kcurve']}",
+              flush=True)
     return result
 
 
@@ -1070,7 +1095,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"{', '.join(f'{x:.1f}' for x in m['load_average'] or [])}.",
         "",
         # A result merged from several runs of one commit says so (date and time: the last).
-        *([f"Runs: {result['invocations']}.", ""] if result.get("invocations") else []),
+        *(["Runs:", "", *(f"- {_invocation_line(i)}" for i in (
+            result["invocations"] if isinstance(result["invocations"], list)
+            else [result["invocations"]])), ""] if result.get("invocations") else []),
         f"Seeds {result['seeds']}: {result['what_varies']}. Cells: mean ± sample std over seeds.",
         "",
         f"Budget (same for every trained model): max {s['epochs']} epochs, patience "
