@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert by_name[names[0]]["headroom_captured"] == 0.0
     assert abs(by_name[names[-1]]["headroom_captured"] - 1.0) < 1e-9
     assert "| policy" in text
-    assert {"pointwise (greedy)", "prm (greedy)", "nar4rec (contrastive)"} <= set(names)
+    assert {"pointwise (greedy)", "nar4rec (contrastive)", "structured (beam)"} <= set(names)
 
 
 def _package_registry_names() -> dict[str, set[str]]:

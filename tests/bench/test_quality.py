@@ -261,7 +261,9 @@ def test_merge_replaces_only_the_rows_measured_again(bench: dict[str, Any], tmp_
     out = tmp_path / "results"
     out.mkdir()
     first = output_paths(bench["out"], quick=True)["json"]
-    (out / first.name).write_text(first.read_text())
+    earlier = json.loads(first.read_text())
+    earlier["invocations"] = "an older file's description"  # older files hold one string
+    (out / first.name).write_text(json.dumps(earlier))
     before = json.loads(first.read_text())["datasets"]["avito"]
     settings = QualitySettings(simulated={"avito": 300}, ablation_dataset="avito", epochs=1,
                                patience=1, dim=8, batch_size=64, upper_bound_beam_width=2,
@@ -277,8 +279,11 @@ def test_merge_replaces_only_the_rows_measured_again(bench: dict[str, Any], tmp_
             assert avito["runs"][variant] == records, variant
     assert avito["generator_evaluator"] == before["generator_evaluator"]
     assert avito["summary"]["structured"] == summarize(avito["runs"]["structured"])
-    assert [i["models"] for i in merged["invocations"]][-1] == ["structured"]
+    assert merged["invocations"][0] == "an older file's description"
+    assert merged["invocations"][-1]["models"] == ["structured"]
     assert len(merged["invocations"]) == 2
+    md = output_paths(out, quick=True)["md"].read_text()
+    assert "- an older file's description" in md and ": structured on avito" in md
     # Other seeds than the file's are refused before any work.
     with pytest.raises(ValueError, match="seeds"):
         run_quality_benchmark(quick=True, out_dir=out, seeds=(5,), progress=False,

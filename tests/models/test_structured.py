@@ -436,6 +436,10 @@ def test_a_finished_run_evaluates_and_its_export_is_refused_in_one_line(
     with pytest.raises(ValueError, match="'structured' has no ONNX export yet"):
         export_run(run, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+    from genrerank.serving.runtime import load_reranker
+
+    with pytest.raises(ValueError, match="'structured' cannot be served yet"):
+        load_reranker(run_dir=run)
 
 
 def test_it_scores_given_lists_like_an_evaluator(data: RerankDataset) -> None:

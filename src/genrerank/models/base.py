@@ -53,6 +53,8 @@ class RerankModel(nn.Module):
     #: True for models that score lists they are given (``score_lists``,
     #: ``signal_probabilities``): usable as a pipeline's evaluator or a reward model.
     scores_lists: ClassVar[bool] = False
+    #: Why the ONNX export and the service cannot take this model yet ("" = they can).
+    not_servable: ClassVar[str] = ""
 
     def forward(self, batch: Batch) -> Any:  # -> ModelOutput
         raise NotImplementedError

@@ -94,6 +94,9 @@ class StructuredListModel(RerankModel):
     Config = StructuredConfig
     stepwise = True  # lists come from generate (beam search under the model's own gain)
     scores_lists: ClassVar[bool] = True  # score_lists / signal_probabilities, as an evaluator
+    not_servable: ClassVar[str] = (
+        "its beam search has no ONNX graph and the service's requests carry no creator ids; "
+        "write its lists with `genrerank rerank`")
 
     def __init__(self, spec: FeatureSpec, config: StructuredConfig) -> None:
         super().__init__(spec, config)

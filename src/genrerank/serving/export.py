@@ -454,11 +454,6 @@ def _request_args(model: RerankModel, req: dict[str, torch.Tensor]) -> tuple[tor
             static, req["upstream_score"], req["candidate_mask"], req["category"])
 
 
-#: Registered models the export does not cover, by name, with what is missing.
-NOT_EXPORTABLE = {"structured": "its beam search under the model's own gain has no ONNX graph; "
-                                "serve it from PyTorch with `genrerank rerank`"}
-
-
 def _is_hierarchical(model: RerankModel) -> bool:
     # By registry name: importing the model class here would tie the export module (which
     # serving imports) to one model file.
@@ -591,9 +586,8 @@ def export_run(
     decode = run_decoding(run_dir)  # first: refuses a failed or unfinished run before any work
     model, meta = load_model(run_dir, "best")
     model.eval()
-    if model.name in NOT_EXPORTABLE:
-        raise ValueError(f"model {model.name!r} has no ONNX export yet "
-                         f"({NOT_EXPORTABLE[model.name]})")
+    if model.not_servable:
+        raise ValueError(f"model {model.name!r} has no ONNX export yet ({model.not_servable})")
     spec = model.spec
     m = max(1, min(getattr(model, "max_positions", 6), 6))
     example = synthetic_requests(spec, [7, 5, 3], m, seed=0)

@@ -87,6 +87,9 @@ class TorchBackend:
 
         torch.set_num_threads(max(1, threads))
         self.model, meta = load_model(run_dir, "best")
+        if self.model.not_servable:
+            raise ValueError(f"model {meta['model_name']!r} cannot be served yet "
+                             f"({self.model.not_servable})")
         self.model_name: str = meta["model_name"]
         self.kind: str = self.model.kind
         self.spec: FeatureSpec = self.model.spec
