@@ -33,6 +33,16 @@ def item_scores_output(
                        logits=click)
 
 
+def score_mlp(dim: int, hidden: int, layers: int, dropout: float) -> nn.Sequential:
+    """``layers`` x (Linear, ReLU, Dropout) then a Linear to one score per token."""
+    blocks: list[nn.Module] = []
+    width = dim
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        width = hidden
+    return nn.Sequential(*blocks, nn.Linear(width, 1))
+
+
 @dataclass
 class PointwiseConfig:
     dim: int = 64
@@ -50,12 +60,7 @@ class Pointwise(RerankModel):
     def __init__(self, spec: FeatureSpec, config: PointwiseConfig) -> None:
         super().__init__(spec, config)
         self.features = FeatureEmbedding(spec, config.dim, config.dropout, config.features)
-        blocks: list[nn.Module] = []
-        width = config.dim
-        for _ in range(config.layers):
-            blocks += [nn.Linear(width, config.hidden), nn.ReLU(), nn.Dropout(config.dropout)]
-            width = config.hidden
-        self.mlp = nn.Sequential(*blocks, nn.Linear(width, 1))
+        self.mlp = score_mlp(config.dim, config.hidden, config.layers, config.dropout)
         max_positions = config.max_positions or max(spec.max_list_length, 1)
         self.position_bias = nn.Parameter(torch.zeros(max_positions))
 

@@ -51,7 +51,7 @@ from genrerank.decoding import DecodedLists
 from genrerank.losses.base import ModelOutput
 from genrerank.models.base import RerankModel, register_model
 from genrerank.models.evaluator import compact_lists
-from genrerank.models.pointwise import item_scores_output
+from genrerank.models.pointwise import item_scores_output, score_mlp
 from genrerank.modules.features import FeatureEmbedding
 
 #: Probabilities are kept this far from 0 and 1 before their logit is taken.
@@ -104,12 +104,7 @@ class StructuredListModel(RerankModel):
             raise ValueError("structured: beam_width must be >= 1 and pool >= 0")
         d = config.dim
         self.features = FeatureEmbedding(spec, d, config.dropout, config.features)
-        blocks: list[nn.Module] = []
-        width = d
-        for _ in range(config.layers):
-            blocks += [nn.Linear(width, config.hidden), nn.ReLU(), nn.Dropout(config.dropout)]
-            width = config.hidden
-        self.mlp = nn.Sequential(*blocks, nn.Linear(width, 1))
+        self.mlp = score_mlp(d, config.hidden, config.layers, config.dropout)
         self.max_positions = config.max_positions or max(spec.max_list_length, 1)
         self.position_bias = nn.Parameter(torch.zeros(self.max_positions))
 
