@@ -203,9 +203,13 @@ class StructuredListModel(RerankModel):
                 out[signal] = log_click + F.logsigmoid(logit)
         return {sig: torch.where(filled, lp.exp(), 0.0) for sig, lp in out.items()}
 
+    def slot_gain(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, K, m]`` the gain-weighted sum of the signal probabilities at each slot."""
+        return sum(self.gain_weights[s] * p for s, p in probs.items())  # type: ignore[return-value]
+
     def expected_gain(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, K]`` the model's expected gain of each list."""
-        return sum(self.gain_weights[s] * p for s, p in probs.items()).sum(-1)  # type: ignore
+        return self.slot_gain(probs).sum(-1)
 
     # ------------------------------------------------------------------ scoring given lists
 
@@ -236,13 +240,12 @@ class StructuredListModel(RerankModel):
         by default a list is valid when it has an item). Undiscounted by default: the model's
         probabilities already hold the position effects; ``discount=True`` divides slot j by
         ``log2(j + 2)`` as the list evaluator's default does."""
-        probs = self.signal_probabilities(batch, lists)
-        per_slot = sum(self.gain_weights[s] * p for s, p in probs.items())
+        per_slot = self.slot_gain(self.signal_probabilities(batch, lists))
         if discount:
             filled = (lists >= 0).to(per_slot.device)
             rank = filled.long().cumsum(-1) - 1  # slot after the empty ones are dropped
             per_slot = per_slot / torch.log2(rank.clamp_min(0).to(per_slot.dtype) + 2.0)
-        scores = per_slot.sum(-1)  # type: ignore[union-attr]
+        scores = per_slot.sum(-1)
         if valid is None:
             valid = (lists >= 0).any(-1)
         return torch.where(valid.to(scores.device).bool(), scores, -math.inf)
