@@ -267,6 +267,25 @@ def request_cmd(data_dir: Path, split: str, index: int, list_length: int | None)
     click.echo(json.dumps(payload_from_dataset(dataset, index, m=list_length)))
 
 
+def _nproc_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--nproc", type=click.IntRange(1), default=1, show_default=True,
+        help="Data-parallel processes: runs this command under `torchrun --standalone "
+             "--nproc_per_node NPROC` (gloo on CPU, NCCL on GPU); train.batch_size is then "
+             "per process.")(fn)
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """``--nproc N`` outside torchrun: run this same command under it, and exit with its
+    status (inside, torchrun's variables are set and the command joins the group)."""
+    from genrerank.utils import distributed
+
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        from genrerank.training.launch import relaunch
+
+        raise SystemExit(relaunch(nproc))
+
+
 @main.command()
 @click.option("--model", "model_name", required=True, cls=_NamesOption, names=_model_names,
               help="Model: {names}.")
@@ -277,17 +296,28 @@ def request_cmd(data_dir: Path, split: str, index: int, list_length: int | None)
 @click.option("--set", "overrides", multiple=True, help="Override: key=value, e.g. train.lr=3e-4.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last/.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing OUT.")
+@_nproc_option
 @_validation_option
 @_user_errors
 def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | None,
-          overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+          overrides: tuple[str, ...], resume: bool, overwrite: bool, nproc: int) -> None:
     """Train a model (train split; early stopping and selection on valid)."""
+    from genrerank.utils import distributed
+
+    _relaunch_under_torchrun(nproc)
     from genrerank.experiment import train_run
 
-    best = train_run(model_name, data_dir, out_dir, config_path, overrides, resume, overwrite)
-    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                      for k, v in best.items())
-    click.echo(f"best (valid): {shown}\nrun saved in {out_dir}")
+    try:
+        best = train_run(model_name, data_dir, out_dir, config_path, overrides, resume,
+                         overwrite)
+        ctx = distributed.context()
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in best.items())
+        procs = f" ({ctx.world_size} processes)" if ctx.distributed else ""
+        click.echo(f"best (valid): {shown}\nrun saved in {out_dir}{procs}")
 
 
 @main.command()
@@ -374,17 +404,27 @@ def nearline(generator_run: Path, evaluator_run: Path, data_dir: Path, out_file:
 @click.option("--resume", is_flag=True, help="Continue from OUT/last/.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing OUT.")
 @_validation_option
+@_nproc_option
 @_user_errors
 def finetune(init_run: Path, method: str, data_dir: Path, out_dir: Path, pairs: Path | None,
              evaluator: Path | None, config_path: Path | None, overrides: tuple[str, ...],
-             reward_source: str, resume: bool, overwrite: bool) -> None:
+             reward_source: str, resume: bool, overwrite: bool, nproc: int) -> None:
     """Fine-tune a generator against a frozen copy of itself: DPO on pairs, or PPO on its own
     samples scored by the evaluator (selection on the validation reward)."""
+    from genrerank.utils import distributed
+
+    _relaunch_under_torchrun(nproc)
     from genrerank.preference.finetune import finetune_run
 
-    best = finetune_run(init_run, data_dir, out_dir, method, pairs=pairs, evaluator=evaluator,
-                        config_path=config_path, overrides=overrides, resume=resume,
-                        overwrite=overwrite, reward_source=reward_source)
+    try:
+        best = finetune_run(init_run, data_dir, out_dir, method, pairs=pairs,
+                            evaluator=evaluator, config_path=config_path, overrides=overrides,
+                            resume=resume, overwrite=overwrite, reward_source=reward_source)
+        main_rank = distributed.context().is_main
+    finally:
+        distributed.shutdown()
+    if not main_rank:
+        return
     if reward_source == "simulated_feedback":
         click.echo("reward: simulated users' sampled feedback (online-learning stand-in)")
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

@@ -30,6 +30,7 @@ from genrerank.evaluation.offline import (
     offline_metrics,
     position_propensities,
     predict,
+    predict_gathered,
 )
 from genrerank.evaluation.online import evaluate_online
 from genrerank.losses import build_objective, resolve_loss_config
@@ -37,6 +38,7 @@ from genrerank.models import build_model
 from genrerank.training import TrainConfig, Trainer, load_model, load_run_config, seed_everything
 from genrerank.training.runs import RUN_CONFIG, check_run
 from genrerank.training.trainer import mark_failed
+from genrerank.utils import distributed
 from genrerank.utils.io import atomic_write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -79,12 +81,15 @@ def train_run(
     """Train ``model_name`` on the train split, selecting on valid; returns the best metrics."""
     cfg = resolve_config(model_name, config_path, overrides)
     train_cfg = TrainConfig.from_dict(cfg["train"])
+    # Under torchrun: join the process group (every rank trains a share of each batch).
+    ctx = distributed.init_from_env(train_cfg.device)
     seed_everything(train_cfg.seed)  # before the model is built: initial weights are seeded too
     train = RerankDataset(data_dir, split="train")
     valid = RerankDataset(data_dir, split="valid")
     if len(train) == 0 or len(valid) == 0:
         raise ValueError(f"{data_dir}: needs requests in both the train and valid splits")
-    warn_unlabelled(train)
+    if ctx.is_main:
+        warn_unlabelled(train)
     model_cfg = {k: v for k, v in cfg["model"].items() if k != "name"}
     # The data set's gain weights and click signal fill what the loss config leaves out (and are
     # recorded in run_config.json); a loss needing a signal the data lacks fails here.
@@ -104,10 +109,14 @@ def train_run(
     # chosen for the new best/ (a stale run_config.json would pair it with the old choice).
     best = trainer.fit(resume=resume, on_start=lambda: run_config.unlink(missing_ok=True))
     try:
+        # Every rank decodes a share of the validation split; rank 0 writes the choice.
         cfg["decode"] = select_decoding(model, valid, cfg["decode"], train, scorer=scorer)
-        atomic_write_json(run_config, {**cfg, "data": str(data_dir)})
+        if ctx.is_main:
+            atomic_write_json(run_config, {**cfg, "data": str(data_dir)})
+        distributed.barrier()  # the run is complete for every rank once run_config is there
     except BaseException as exc:  # the checkpoints stay (--resume redoes the choice)
-        mark_failed(out_dir, exc, "choosing the decoder")
+        if ctx.is_main:
+            mark_failed(out_dir, exc, "choosing the decoder")
         raise
     return best
 
@@ -158,7 +167,8 @@ class ListScorer:
         return f"ips_clicks@{self.k}" if self.propensities is not None else "list_gain"
 
     def __call__(self, model: torch.nn.Module, decoder: str, params: dict[str, Any]) -> float:
-        preds = predict(model, self.valid, decoder, params)
+        # Under torchrun every process decodes a share and all hold the gathered lists.
+        preds = predict_gathered(model, self.valid, decoder, params)
         if self.sim is not None:
             lists = preds.lists
             gains = self.sim.expected_gain(self.state, np.maximum(lists, 0), lists >= 0)

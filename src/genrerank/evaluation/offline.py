@@ -25,6 +25,7 @@ logged clicks of the model's top-k items whatever their position; given position
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ from genrerank.metrics import (
     ndcg_at_k,
     recall_at_k,
 )
+from genrerank.utils import distributed
 
 _LIST_BONUS = 1e6  # decoded items rank above every other candidate
 
@@ -139,17 +141,20 @@ def predict(
     decoder_params: dict[str, Any] | None = None,
     batch_size: int = 256,
     constraints: ConstraintSet | None = None,
+    rows: Sequence[int] | None = None,
 ) -> Predictions:
-    """Run ``model`` over ``dataset`` and decode each request's list (logged length m), under
-    ``constraints`` (or a run's ``decode.constraints`` in ``decoder_params``) when given: then
-    ``constraint_violations`` counts the lists that break them."""
+    """Run ``model`` over ``dataset`` (or its requests ``rows``, in that order) and decode each
+    request's list (logged length m), under ``constraints`` (or a run's
+    ``decode.constraints`` in ``decoder_params``) when given: then ``constraint_violations``
+    counts the lists that break them."""
     model.eval()
     decoder_params = dict(decoder_params or {})
     if constraints is None:
         constraints = constraints_from_config(decoder_params)
     decoder_params.pop("constraints", None)
     violations = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                        sampler=None if rows is None else list(rows))
     acc: dict[str, list[np.ndarray]] = {}
     labels: dict[str, list[np.ndarray]] = {s: [] for s in dataset.spec.labels}
     for batch in loader:
@@ -182,6 +187,55 @@ def predict(
     if constraints is not None:
         preds.constraint_violations = violations
     return preds
+
+
+def predict_gathered(
+    model: torch.nn.Module,
+    dataset: RerankDataset,
+    decoder: str = "greedy",
+    decoder_params: dict[str, Any] | None = None,
+    batch_size: int = 256,
+    constraints: ConstraintSet | None = None,
+) -> Predictions:
+    """:func:`predict`, split among the processes of a ``torchrun`` job and gathered on each:
+    rank r predicts requests r, r + W, ... (no padding), and the parts are put back in the data
+    set's order, every request exactly once (a padded sampler's duplicates would bias the
+    metrics). In one process it is :func:`predict`."""
+    ctx = distributed.context()
+    if not ctx.distributed:
+        return predict(model, dataset, decoder, decoder_params, batch_size, constraints)
+    shard = ctx.shard(len(dataset))
+    part = None if len(shard) == 0 else predict(
+        model, dataset, decoder, decoder_params, batch_size, constraints, rows=shard)
+    return merge_predictions(distributed.all_gather_objects(part), len(dataset), dataset.spec)
+
+
+def merge_predictions(
+    parts: Sequence[Predictions | None], expected: int, spec: FeatureSpec | None = None
+) -> Predictions:
+    """The ranks' :class:`Predictions` as one, in request order; an error if a request is
+    missing or repeated."""
+    present = [p for p in parts if p is not None]
+    acc: dict[str, list[np.ndarray]] = {}
+    for name in ("request_index", "lists", "candidate_scores", "candidate_mask", "exposed",
+                 "position_mask", "click_prob"):
+        acc[name] = [getattr(p, name) for p in present]
+    labels = {s: [p.labels[s] for p in present] for s in (present[0].labels if present else {})}
+    merged = collect_predictions(acc, labels, spec)
+    index = merged.request_index
+    if len(index) != expected or len(np.unique(index)) != expected:
+        raise RuntimeError(
+            f"gathered predictions cover {len(np.unique(index))} distinct requests in "
+            f"{len(index)} rows, expected {expected} once each"
+        )
+    order = np.argsort(index, kind="stable")
+    for name in acc:
+        setattr(merged, name, getattr(merged, name)[order])
+    merged.labels = {s: v[order] for s, v in merged.labels.items()}
+    violations = [p.constraint_violations for p in present if p.constraint_violations is not None]
+    if violations:
+        merged.constraint_violations = int(sum(violations))
+    return merged
 
 
 def dataset_constraints(cs: ConstraintSet, dataset: RerankDataset,

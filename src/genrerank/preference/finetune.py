@@ -51,6 +51,7 @@ from genrerank.training.checkpoint import (
 )
 from genrerank.training.runs import RUN_CONFIG, check_run
 from genrerank.training.trainer import mark_failed
+from genrerank.utils import distributed
 from genrerank.utils.io import atomic_write_json
 
 METHODS = ("dpo", "ppo")
@@ -126,6 +127,9 @@ def finetune_run(
     init = check_run(init_run)
     init_cfg = json.loads((init / RUN_CONFIG).read_text())
     train_cfg = TrainConfig.from_dict(cfg["train"])
+    # Under torchrun: join the process group (every rank trains a share of each batch; the
+    # validation report is computed whole on every rank, so no request counts twice).
+    ctx = distributed.init_from_env(train_cfg.device)
     seed_everything(train_cfg.seed)
     model, model_cfg = _init_model(init, cfg.get("model") or {})
     reference = frozen(load_model(init, "best")[0])
@@ -190,6 +194,8 @@ def finetune_run(
     run_config = Path(out_dir) / RUN_CONFIG
     best = trainer.fit(resume=resume, on_start=lambda: run_config.unlink(missing_ok=True))
     try:
+        if not ctx.is_main:
+            return best
         atomic_write_json(run_config, {
             "model": model_cfg, "train": cfg["train"], "loss": cfg["loss"], "decode": decode,
             "reward": reward.to_config(), "data": str(data_dir),

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.training.checkpoint import (
@@ -58,6 +58,8 @@ from genrerank.training.checkpoint import (
     set_rng_state,
 )
 from genrerank.training.config import TrainConfig
+from genrerank.utils import distributed
+from genrerank.utils.distributed import rank_stream
 from genrerank.utils.io import atomic_write_text
 from genrerank.utils.progress import progress
 
@@ -119,18 +121,31 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """A random permutation fixed by (seed, epoch), starting at position ``start``."""
+    """A random permutation fixed by (seed, epoch), starting at position ``start``.
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0) -> None:
+    Under data-parallel training (``world_size`` > 1) it yields rank ``rank``'s share of that
+    permutation (:func:`~genrerank.utils.distributed.rank_stream`: padded like
+    ``DistributedSampler``, and step k of W ranks at batch b covers step k of one process at
+    batch W * b); ``start`` then counts this rank's items.
+    """
+
+    def __init__(
+        self, n: int, seed: int, epoch: int, start: int = 0, *,
+        rank: int = 0, world_size: int = 1, batch_size: int = 1,
+    ) -> None:
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
         generator.manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=generator)[self.start :].tolist())
+        perm = torch.randperm(self.n, generator=generator).tolist()
+        stream = rank_stream(perm, self.rank, self.world_size, self.batch_size)
+        return iter(stream[self.start :])
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        per_rank = -(-self.n // self.world_size)
+        return max(0, per_rank - self.start)
 
 
 @dataclasses.dataclass
@@ -186,6 +201,20 @@ class Trainer:
             raise ValueError("Trainer: the training split has no requests")
         if len(valid_data) == 0:
             raise ValueError("Trainer: the validation split has no requests")
+        self.dist = distributed.context()
+        if len(valid_data) < self.dist.world_size:
+            raise ValueError(
+                f"Trainer: {len(valid_data)} validation requests for {self.dist.world_size} "
+                "processes; every process validates a share, so give it at least one each"
+            )
+        # A streaming data set (genrerank.data.streaming) shards itself and yields this rank's
+        # share of every epoch; an in-memory one is sharded by EpochSampler.
+        self.streaming = isinstance(train_data, IterableDataset)
+        if self.streaming:
+            train_data.set_shard(self.dist.rank, self.dist.world_size)
+            per_rank = len(train_data)
+        else:
+            per_rank = math.ceil(len(train_data) / self.dist.world_size)
         self.model = model
         self.objective = objective
         self.train_data = train_data
@@ -196,8 +225,8 @@ class Trainer:
         self.loss_config = loss_config if loss_config is not None else []
         self.overwrite = overwrite
         self.fit_statistics = fit_statistics
-        self.steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-        self.device = torch.device(config.device)
+        self.steps_per_epoch = math.ceil(per_rank / config.batch_size)
+        self.device = distributed.device_of(config.device, self.dist)
         self.history: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
         self.state = TrainerState()
@@ -246,7 +275,9 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         try:
-            for index, batch in enumerate(loader):
+            # Each process validates its own share of the requests (all of them in one
+            # process); the sums then add up over processes: every request counted once.
+            for index, batch in enumerate(self._valid_shard_loader(loader)):
                 # Validation rollouts get seeds of their own, the same at every evaluation.
                 seed = epoch_seed(self.config.seed, 2_000_000 + index)
                 batch = self._prepare(batch.to(self.device), seed)
@@ -255,8 +286,16 @@ class Trainer:
                 count += size
                 for key, value in _loss_values(total, components).items():
                     sums[key] = sums.get(key, 0.0) + value * size
+            if self.dist.distributed:
+                keys = sorted(sums)
+                reduced = distributed.all_reduce_sum(
+                    torch.tensor([float(count), *(sums[k] for k in keys)], dtype=torch.float64)
+                ).tolist()
+                count, sums = int(reduced[0]), dict(zip(keys, reduced[1:], strict=True))
             metrics = {k: v / count for k, v in sums.items()}
             if self.validate_fn is not None:
+                # Called on every process: a list metric gathers the shards itself
+                # (genrerank.evaluation.offline.predict_gathered).
                 extra = self.validate_fn(self.model, loader)
                 metrics.update({k: float(v) for k, v in extra.items()})
         finally:
@@ -277,7 +316,7 @@ class Trainer:
         succeeded), before training changes it. On failure see the module docstring.
         """
         cfg = self.config
-        torch.set_num_threads(cfg.num_threads)
+        torch.set_num_threads(self._threads())
         self.model.to(self.device)
         if isinstance(self.objective, nn.Module):
             self.objective.to(self.device)
@@ -287,39 +326,38 @@ class Trainer:
         self.calibration = self._calibrate_objective()
         created = _missing_folders(self.out_dir)
         # Refusals here (no checkpoint to resume, a run already there) change nothing on disk.
+        # Only rank 0 writes to the run folder; every rank reads the checkpoint it resumes.
         if resume:
             self.state = self._restore(optimizer)
         else:
-            self._start_fresh()
+            self._on_main(self._start_fresh)
             self.state = TrainerState()
         try:
-            (self.out_dir / FAILED_FILE).unlink(missing_ok=True)
-            for path in remove_stale_temps(self.out_dir):
-                logger.info("removed %s, left by a killed checkpoint write", path)
-            if on_start is not None:
-                on_start()
+            self._on_main(lambda: self._claim(resume, on_start))
             if not resume and self.fit_statistics:
                 # Feature statistics come from the training split only; a resumed run has them
-                # in its checkpoint already.
+                # in its checkpoint already. Every rank fits the same (deterministic) values.
                 fit_statistics = getattr(self.model, "fit_statistics", None)
                 if fit_statistics is not None:
-                    fit_statistics(self.train_data)
-            self._trim_history(self.state.step)
+                    fit_statistics(self._in_memory_train())
 
-            from torch.utils.tensorboard import SummaryWriter
+            writer: Any = _NullWriter()
+            if self.dist.is_main:
+                from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides events a crashed run logged after the checkpoint we resume from
-            # (those at the checkpoint's own step were logged before it was written: keep them).
-            writer = SummaryWriter(
-                str(self.out_dir / TENSORBOARD_DIR),
-                purge_step=self.state.step + 1 if resume else None,
-            )
+                # purge_step hides events a crashed run logged after the checkpoint we resume
+                # from (those at the checkpoint's own step were logged before it was written).
+                writer = SummaryWriter(
+                    str(self.out_dir / TENSORBOARD_DIR),
+                    purge_step=self.state.step + 1 if resume else None,
+                )
             try:
                 self._loop(optimizer, writer)
             finally:
                 writer.close()
         except BaseException as exc:
-            self._abandon(exc, created)
+            if self.dist.is_main:
+                self._abandon(exc, created)
             raise
 
         state = self.state
@@ -327,6 +365,52 @@ class Trainer:
             raise RuntimeError("training finished without a validation result")
         load_tensors_into(self.model, self.best_dir / MODEL_FILE)
         return {**state.best_metrics, "epoch": state.best_epoch, "step": state.best_step}
+
+    def _claim(self, resume: bool, on_start: Callable[[], None] | None) -> None:
+        """Rank 0 takes the run folder: stale markers and temporaries go, history is trimmed."""
+        (self.out_dir / FAILED_FILE).unlink(missing_ok=True)
+        for path in remove_stale_temps(self.out_dir):
+            logger.info("removed %s, left by a killed checkpoint write", path)
+        if on_start is not None:
+            on_start()
+        self._trim_history(self.state.step)
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only; an error there is raised on every rank (instead of the
+        other ranks waiting for it at the next collective until the timeout)."""
+        error: BaseException | None = None
+        result = None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except Exception as exc:
+                error = exc
+        if self.dist.distributed:
+            message = distributed.broadcast_object(
+                None if error is None else f"{type(error).__name__}: {error}"
+            )
+            if error is None and message is not None:
+                raise RuntimeError(f"rank 0 failed: {message}")
+        if error is not None:
+            raise error
+        return result
+
+    def _threads(self) -> int:
+        """``num_threads``, shared out when several processes train on one machine (torchrun
+        starts one per device or core slot; more threads than cores only slows them all)."""
+        if not self.dist.distributed or self.device.type == "cuda":
+            return self.config.num_threads
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return max(1, min(self.config.num_threads, cores // self.dist.local_world_size))
+
+    def _in_memory_train(self) -> Any:
+        """The training requests as flat arrays, for statistics and loss calibration: all of
+        them in memory, or a streaming data set's leading sample (``statistics_sample``)."""
+        sample = getattr(self.train_data, "statistics_sample", None)
+        return sample() if self.streaming and sample is not None else self.train_data
 
     # ------------------------------------------------------------------ loop
 
@@ -339,24 +423,15 @@ class Trainer:
         self.model.train()
         if isinstance(self.objective, nn.Module):
             self.objective.train()
+        self._loss_module = self._wrap_for_training()
         while not stop and state.epoch < cfg.epochs:
-            start = state.epoch_step * cfg.batch_size
-            loader = DataLoader(
-                self.train_data,
-                batch_size=cfg.batch_size,
-                sampler=EpochSampler(len(self.train_data), cfg.seed, state.epoch, start),
-                collate_fn=_collate_of(self.train_data),
-                num_workers=0,
-                # Creating a loader iterator draws a base seed from this generator, or else
-                # from the global torch RNG, which would shift dropout after a mid-epoch resume.
-                generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, state.epoch)),
-            )
-            # A bar on a terminal, plain lines with the time left in a log file.
+            loader = self._train_loader(state.epoch, state.epoch_step * cfg.batch_size)
+            # A bar on a terminal, plain lines with the time left in a log file (rank 0 only).
             bar = progress(
                 loader,
                 f"train epoch {state.epoch + 1}/{cfg.epochs}",
                 "steps",
-                enabled=cfg.progress,
+                enabled=cfg.progress and self.dist.is_main,
                 total=self.steps_per_epoch,
                 initial=state.epoch_step,
                 leave=False,
@@ -393,11 +468,18 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = self._prepare(batch.to(self.device), epoch_seed(cfg.seed, 1_000_000 + state.step))
-        out = self.model(batch)
-        total, components = self.objective(out, batch)
-        if not torch.isfinite(total).item():
+        total, components = self._loss_module(batch)
+        values = _loss_values(total.detach(), {k: v.detach() for k, v in components.items()})
+        if self.dist.distributed:
+            # The logged losses are the mean over ranks; a non-finite loss on any rank stops
+            # every rank here, before backward's gradient all-reduce could wait for it.
+            keys = list(values)
+            mean = distributed.all_reduce_sum(torch.tensor([values[k] for k in keys])) / (
+                self.dist.world_size)
+            values = dict(zip(keys, mean.tolist(), strict=True))
+        if not math.isfinite(values["loss"]):
             raise FloatingPointError(
-                f"non-finite training loss {total.item()} at epoch {state.epoch + 1}, "
+                f"non-finite training loss {values['loss']} at epoch {state.epoch + 1}, "
                 f"step {state.step + 1}"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -409,7 +491,6 @@ class Trainer:
         state.step += 1
         state.epoch_step += 1
 
-        values = _loss_values(total.detach(), {k: v.detach() for k, v in components.items()})
         for key, value in values.items():
             writer.add_scalar(f"train/{key}", value, state.step)
             state.train_sums[key] = state.train_sums.get(key, 0.0) + value
@@ -459,26 +540,11 @@ class Trainer:
         record["is_best"] = improved
         state.train_sums, state.train_count = {}, 0
         self.history.append(record)
-        # The history line goes first: a crash before the checkpoint below then only leaves a
-        # line that the resumed run trims (lines past the checkpoint's step are dropped).
-        with (self.out_dir / METRICS_FILE).open("a") as fh:
-            fh.write(json.dumps(_finite_or_none(record)) + "\n")
-        for key, val in metrics.items():
-            writer.add_scalar(f"valid/{key}", val, state.step)
-        writer.flush()
-
         stop = cfg.patience > 0 and state.bad_evals >= cfg.patience
-        meta = self._meta(metrics)
-        if improved:
-            save_checkpoint(self.best_dir, self.model, meta, objective=self._objective_module())
-        meta["rng"] = rng_state(cuda=self.device.type == "cuda")
-        save_checkpoint(
-            self.last_dir,
-            self.model,
-            meta,
-            optimizer=optimizer,
-            objective=self._objective_module(),
-        )
+        # Every rank holds the same metrics (validation sums over ranks) and so takes the same
+        # decisions; rank 0 alone writes, and the others wait until the checkpoint is there.
+        self._on_main(lambda: self._write_evaluation(record, metrics, improved, optimizer,
+                                                     writer))
         logger.info(
             "epoch %s step %d: %s=%.6g%s",
             epoch,
@@ -490,6 +556,97 @@ class Trainer:
         if stop:
             self.stop_reason = "early_stopping"
         return stop
+
+    def _write_evaluation(
+        self,
+        record: dict[str, Any],
+        metrics: dict[str, float],
+        improved: bool,
+        optimizer: torch.optim.Optimizer,
+        writer: Any,
+    ) -> None:
+        # The history line goes first: a crash before the checkpoint below then only leaves a
+        # line that the resumed run trims (lines past the checkpoint's step are dropped).
+        with (self.out_dir / METRICS_FILE).open("a") as fh:
+            fh.write(json.dumps(_finite_or_none(record)) + "\n")
+        for key, val in metrics.items():
+            writer.add_scalar(f"valid/{key}", val, self.state.step)
+        writer.flush()
+        meta = self._meta(metrics)
+        if improved:
+            save_checkpoint(self.best_dir, self.model, meta, objective=self._objective_module())
+        meta["rng"] = rng_state(cuda=self.device.type == "cuda")
+        save_checkpoint(
+            self.last_dir,
+            self.model,
+            meta,
+            optimizer=optimizer,
+            objective=self._objective_module(),
+        )
+
+    def _train_loader(self, epoch: int, start: int) -> DataLoader:
+        """Epoch ``epoch``'s batches for this rank, from its ``start``-th request on."""
+        cfg = self.config
+        if self.streaming:
+            self.train_data.set_epoch(epoch)
+            self.train_data.set_start(start)
+            return DataLoader(self.train_data, batch_size=cfg.batch_size,
+                              collate_fn=_collate_of(self.train_data), num_workers=0)
+        return DataLoader(
+            self.train_data,
+            batch_size=cfg.batch_size,
+            sampler=EpochSampler(
+                len(self.train_data), cfg.seed, epoch, start, rank=self.dist.rank,
+                world_size=self.dist.world_size, batch_size=cfg.batch_size,
+            ),
+            collate_fn=_collate_of(self.train_data),
+            num_workers=0,
+            # Creating a loader iterator draws a base seed from this generator, or else from
+            # the global torch RNG, which would shift dropout after a mid-epoch resume.
+            generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)),
+        )
+
+    def _valid_shard_loader(self, loader: DataLoader) -> DataLoader:
+        """``loader`` restricted to this rank's share of the validation requests."""
+        if not self.dist.distributed:
+            return loader
+        return DataLoader(
+            self.valid_data,
+            batch_size=loader.batch_size,
+            sampler=list(self.dist.shard(len(self.valid_data))),
+            collate_fn=_collate_of(self.valid_data),
+            num_workers=0,
+        )
+
+    def _wrap_for_training(self) -> nn.Module:
+        """The model and objective as one module; under torchrun wrapped in
+        DistributedDataParallel, whose backward averages the gradients over ranks (and whose
+        construction copies rank 0's weights and buffers to every rank)."""
+        module = _LossModule(self.model, self.objective)
+        if not self.dist.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = self.device.type == "cuda"
+        return DistributedDataParallel(
+            module,
+            device_ids=[self.device.index] if cuda else None,
+            find_unused_parameters=self._has_unused_parameters(module),
+        )
+
+    def _has_unused_parameters(self, module: nn.Module) -> bool:
+        """Whether some trainable parameter gets no gradient from the loss (a head another loss
+        trains). DDP must then search the graph for them every step (slower), or else it
+        waits for their gradients forever; one probe step on a validation batch tells, with
+        the random streams and the gradients left as they were."""
+        batch = next(iter(self._valid_shard_loader(self.valid_loader())))
+        with preserved_rng():
+            batch = self._prepare(batch.to(self.device), epoch_seed(self.config.seed, 3_000_000))
+            total, _ = module(batch)
+            total.backward()
+        unused = sum(1 for p in module.parameters() if p.requires_grad and p.grad is None)
+        module.zero_grad(set_to_none=True)
+        return bool(distributed.all_reduce_sum(torch.tensor([float(unused)]))[0] > 0)
 
     # ------------------------------------------------------------------ helpers
 
@@ -508,7 +665,7 @@ class Trainer:
         from genrerank.losses.base import list_utility, utility_threshold
 
         loader = DataLoader(
-            self.train_data,
+            self._in_memory_train(),
             batch_size=1024,
             shuffle=False,
             collate_fn=collate,
@@ -675,6 +832,36 @@ class Trainer:
                 kept.append(line)
                 self.history.append(record)
         path.write_text("".join(line + "\n" for line in kept))
+
+
+class _LossModule(nn.Module):
+    """``objective(model(batch), batch)`` as one module, so that DDP syncs the gradients of
+    the model and of an objective with parameters alike."""
+
+    def __init__(self, model: nn.Module, objective: Any) -> None:
+        super().__init__()
+        self.model = model
+        if isinstance(objective, nn.Module):
+            self.objective = objective
+        else:
+            self._objective_fn = objective
+
+    def forward(self, batch: Any) -> Any:
+        objective = self.objective if hasattr(self, "objective") else self._objective_fn
+        return objective(self.model(batch), batch)
+
+
+class _NullWriter:
+    """The TensorBoard writer of ranks other than 0: they log nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _collate_of(dataset: Any) -> Callable[..., Any]:
