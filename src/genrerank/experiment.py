@@ -77,14 +77,30 @@ def train_run(
     overrides: tuple[str, ...] = (),
     resume: bool = False,
     overwrite: bool = False,
+    streaming: bool = False,
 ) -> dict[str, Any]:
-    """Train ``model_name`` on the train split, selecting on valid; returns the best metrics."""
+    """Train ``model_name`` on the train split, selecting on valid; returns the best metrics.
+
+    ``streaming``: read the training split by row groups
+    (:class:`~genrerank.data.streaming.StreamingRerankDataset`, bounded memory, for data larger
+    than memory); feature statistics, loss calibration and the decoder choice's propensities then
+    come from its leading sample (``statistics_sample``). The validation split is held in memory.
+    """
     cfg = resolve_config(model_name, config_path, overrides)
     train_cfg = TrainConfig.from_dict(cfg["train"])
     # Under torchrun: join the process group (every rank trains a share of each batch).
     ctx = distributed.init_from_env(train_cfg.device)
     seed_everything(train_cfg.seed)  # before the model is built: initial weights are seeded too
-    train = RerankDataset(data_dir, split="train")
+    train_data: Any
+    if streaming:
+        from genrerank.data.streaming import StreamingRerankDataset
+
+        train_data = StreamingRerankDataset(data_dir, "train", seed=train_cfg.seed)
+        if train_data.num_requests == 0:
+            raise ValueError(f"{data_dir}: needs requests in both the train and valid splits")
+        train = train_data.statistics_sample()
+    else:
+        train = train_data = RerankDataset(data_dir, split="train")
     valid = RerankDataset(data_dir, split="valid")
     if len(train) == 0 or len(valid) == 0:
         raise ValueError(f"{data_dir}: needs requests in both the train and valid splits")
@@ -102,7 +118,7 @@ def train_run(
     if getattr(model, "kind", "generator") == "generator":
         scorer = ListScorer(valid, train)
         validate_fn = scorer.validate_fn()
-    trainer = Trainer(model, objective, train, valid, train_cfg, out_dir, validate_fn,
+    trainer = Trainer(model, objective, train_data, valid, train_cfg, out_dir, validate_fn,
                       loss_config=cfg["loss"], overwrite=overwrite or resume)
     run_config = Path(out_dir) / RUN_CONFIG
     # Once training is under way best/ changes: the run is incomplete until the decoder is
@@ -112,7 +128,8 @@ def train_run(
         # Every rank decodes a share of the validation split; rank 0 writes the choice.
         cfg["decode"] = select_decoding(model, valid, cfg["decode"], train, scorer=scorer)
         if ctx.is_main:
-            atomic_write_json(run_config, {**cfg, "data": str(data_dir)})
+            atomic_write_json(run_config, {**cfg, "data": str(data_dir),
+                                           **({"streaming": True} if streaming else {})})
         distributed.barrier()  # the run is complete for every rank once run_config is there
     except BaseException as exc:  # the checkpoints stay (--resume redoes the choice)
         if ctx.is_main:

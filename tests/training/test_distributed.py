@@ -8,6 +8,7 @@ as torchrun would join them; the trainer finds its rank through torch.distribute
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 
 from genrerank.data.dataset import RerankDataset
 from genrerank.data.simulator import simulate_to_dir
+from genrerank.data.streaming import StreamingRerankDataset
 from genrerank.evaluation.offline import merge_predictions, predict
 from genrerank.experiment import ListScorer
 from genrerank.losses import build_objective, resolve_loss_config
@@ -38,9 +40,11 @@ def sim_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            progress=False)
 
 
-def fit(data_dir: Path, out: Path, batch: int, epochs: int, resume: bool = False) -> None:
+def fit(data_dir: Path, out: Path, batch: int, epochs: int, resume: bool = False,
+        streaming: bool = False) -> None:
     """Train the pointwise model (no dropout: its masks would differ between the layouts)."""
-    train = RerankDataset(data_dir, split="train")
+    train = (StreamingRerankDataset(data_dir, "train", shuffle_buffer=64) if streaming
+             else RerankDataset(data_dir, split="train"))
     valid = RerankDataset(data_dir, split="valid")
     seed_everything(0)
     model = build_model("pointwise", train.spec, {"dim": 16, "hidden": 32, "dropout": 0.0})
@@ -82,12 +86,14 @@ def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 @pytest.fixture(scope="module")
 def ddp_runs(sim_path, tmp_path_factory) -> Path:
-    """In one 2-rank job: a 2-epoch run, and a 1-epoch run resumed to 2 epochs."""
+    """In one 2-rank job: a 2-epoch run, a 1-epoch run resumed to 2 epochs, and a run over
+    the streamed training split."""
     root = tmp_path_factory.mktemp("ddp-runs")
     fit_ddp(root, [
         (sim_path, root / "ddp", BATCH, 2),
         (sim_path, root / "split", BATCH, 1),
         (sim_path, root / "split", BATCH, 2, True),
+        (sim_path, root / "streamed", BATCH, 2, False, True),
     ])
     return root
 
@@ -186,3 +192,11 @@ def test_train_nproc_2_runs_under_torchrun(sim_path, tmp_path):
     assert (out / "run_config.json").exists()  # the decoder chosen on the gathered lists
     model, meta = load_model(out)
     assert meta["model_name"] == "pointwise"
+
+
+def test_streamed_ranks_take_equal_steps_over_their_shares(sim_path, ddp_runs):
+    # Each rank streams ceil(n / 2) requests (its row groups, padded): the ranks step together.
+    n_train = len(RerankDataset(sim_path, split="train"))
+    last = json.loads((ddp_runs / "streamed" / "last" / "checkpoint.json").read_text())
+    assert last["step"] == 2 * math.ceil(math.ceil(n_train / 2) / BATCH)
+    assert [h["epoch"] for h in history(ddp_runs / "streamed")] == [1, 2]

@@ -3,7 +3,12 @@
 A data set is a folder holding:
 
 - ``requests.parquet``: one row per request (columns below), the schema version and the feature
-  spec in the Parquet key-value metadata;
+  spec in the Parquet key-value metadata; or, for data larger than memory, *shards*:
+  ``requests/part-00000.parquet``, ``requests/part-00001.parquet``, ... (the same columns and
+  the same metadata in every shard; the rows of the data set are the shards' rows in file-name
+  order). :class:`ShardedDatasetWriter` writes them shard by shard with bounded memory;
+  :func:`read_dataset` reads either layout into memory, and
+  :class:`genrerank.data.streaming.StreamingRerankDataset` streams them by row groups;
 - ``feature_spec.json``: the same feature spec, readable without pyarrow. A
   ``requests.parquet`` written by another tool (pandas' ``to_parquet``) has no genrerank
   metadata: the JSON file is then the spec (:func:`read_dataset`).
@@ -51,6 +56,8 @@ Data sets written before the context columns existed read as having no context f
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -67,6 +74,9 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 REQUESTS_FILE = "requests.parquet"
+#: The folder of a sharded data set's Parquet files, and the name of shard ``i``.
+SHARDS_DIR = "requests"
+SHARD_PATTERN = "part-{:05d}.parquet"
 SPEC_FILE = "feature_spec.json"
 METADATA_VERSION_KEY = b"genrerank.schema_version"
 METADATA_SPEC_KEY = b"genrerank.feature_spec"
@@ -615,7 +625,7 @@ def set_validate_on_read(enabled: bool) -> None:
     _validate_on_read = enabled
 
 
-def _check_spec_file(data_dir: Path, spec: FeatureSpec) -> None:
+def _check_spec_file(data_dir: Path, spec: FeatureSpec, parquet: Path) -> None:
     """``feature_spec.json``, when present, must parse and agree with the Parquet metadata."""
     path = data_dir / SPEC_FILE
     if not path.exists():
@@ -626,32 +636,49 @@ def _check_spec_file(data_dir: Path, spec: FeatureSpec) -> None:
         if on_disk.get(key) != in_parquet.get(key):
             shown = (repr(on_disk.get(key))[:80], repr(in_parquet.get(key))[:80])
             raise DataValidationError(
-                f"{path}: field {key!r} disagrees with {REQUESTS_FILE}'s metadata "
-                f"({shown[0]} vs {shown[1]}); rewrite the data set or fix the file"
+                f"{path}: field {key!r} disagrees with {parquet.relative_to(data_dir)}'s "
+                f"metadata ({shown[0]} vs {shown[1]}); rewrite the data set or fix the file"
             )
 
 
-def read_dataset(
-    data_dir: str | Path, validate: bool | None = None
-) -> tuple[pa.Table, FeatureSpec]:
-    """Read a data set folder: schema version first, then the feature spec (the JSON file must
-    agree with the Parquet metadata), column types, and (by default, once per file and process)
-    every invariant of :func:`validate_table`. Errors name the file, row, request and field.
-
-    A ``requests.parquet`` without genrerank metadata (written by pandas' ``to_parquet`` or
-    another tool) reads when ``feature_spec.json`` is next to it: the JSON is then the spec, and
-    the columns are conformed and validated the same way."""
+def dataset_files(data_dir: str | Path) -> list[Path]:
+    """The Parquet files of a data set folder in row order: ``[requests.parquet]``, or the
+    shards ``requests/*.parquet`` by name (``part-00000.parquet`` first)."""
     data_dir = Path(data_dir)
-    path = data_dir / REQUESTS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{data_dir}: no {REQUESTS_FILE}; is this a genrerank data set?")
+    single, shard_dir = data_dir / REQUESTS_FILE, data_dir / SHARDS_DIR
+    if single.exists() and shard_dir.is_dir():
+        raise DataValidationError(
+            f"{data_dir}: holds both {REQUESTS_FILE} and a {SHARDS_DIR}/ folder of shards; a data "
+            "set has one layout: remove one of them"
+        )
+    if single.exists():
+        return [single]
+    if not shard_dir.is_dir():
+        raise FileNotFoundError(
+            f"{data_dir}: no {REQUESTS_FILE} (nor a {SHARDS_DIR}/ folder of shards); is this a "
+            "genrerank data set?"
+        )
+    # Hidden files are a writer's leftovers, never shards; (length, name) keeps part-100000
+    # after part-99999.
+    shards = sorted((p for p in shard_dir.iterdir()
+                     if p.suffix == ".parquet" and not p.name.startswith(".")),
+                    key=lambda p: (len(p.name), p.name))
+    if not shards:
+        raise DataValidationError(f"{shard_dir}: no .parquet shard in this folder")
+    return shards
+
+
+def _file_spec(path: Path, data_dir: Path) -> tuple[FeatureSpec, bool]:
+    """The feature spec of one Parquet file of a data set, and whether it came from the folder's
+    ``feature_spec.json`` (a file written by another tool, without genrerank metadata)."""
     try:
         meta = pq.read_schema(path).metadata or {}
     except (pa.ArrowException, OSError) as exc:
-        raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise DataValidationError(
+            f"{path}: not a readable Parquet file ({' '.join(str(exc).split())})"
+        ) from exc
     version = meta.get(METADATA_VERSION_KEY)
-    from_json = version is None and METADATA_SPEC_KEY not in meta
-    if from_json:
+    if version is None and METADATA_SPEC_KEY not in meta:
         # A Parquet written by another tool (pandas' to_parquet): the JSON file is the spec.
         if not (data_dir / SPEC_FILE).exists():
             raise DataValidationError(
@@ -659,38 +686,312 @@ def read_dataset(
                 f"set needs its feature spec; write it with genrerank.data.schema.write_dataset "
                 f"or `genrerank data import`, or add a {SPEC_FILE} (FeatureSpec.to_json)"
             )
-        spec = FeatureSpec.load(data_dir / SPEC_FILE)
-    elif version is None or version.decode(errors="replace") != str(SCHEMA_VERSION):
+        return FeatureSpec.load(data_dir / SPEC_FILE), True
+    if version is None or version.decode(errors="replace") != str(SCHEMA_VERSION):
         raise DataValidationError(
             f"{path}: schema version {version!r}, this genrerank reads {SCHEMA_VERSION}"
         )
-    else:
-        try:
-            spec = FeatureSpec.from_dict(json.loads(meta[METADATA_SPEC_KEY]))
-        except (KeyError, ValueError, TypeError) as exc:
-            if isinstance(exc, DataValidationError):
-                raise DataValidationError(f"{path}: {exc}") from exc
-            raise DataValidationError(
-                f"{path}: no valid feature spec in the metadata ({exc})") from exc
-        _check_spec_file(data_dir, spec)
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataValidationError(f"{path}: not a readable Parquet file ({exc})") from exc
-    table = conform_types(table, spec, where=str(path))
+        spec = FeatureSpec.from_dict(json.loads(meta[METADATA_SPEC_KEY]))
+    except (KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, DataValidationError):
+            raise DataValidationError(f"{path}: {exc}") from exc
+        raise DataValidationError(
+            f"{path}: no valid feature spec in the metadata ({exc})") from exc
+    return spec, False
+
+
+def read_dataset_spec(data_dir: str | Path) -> tuple[list[Path], FeatureSpec, bool]:
+    """The files of a data set (:func:`dataset_files`), its feature spec and whether the spec
+    came from ``feature_spec.json`` alone, reading only metadata: every shard must carry the
+    same spec, and the JSON file must agree with it."""
+    data_dir = Path(data_dir)
+    files = dataset_files(data_dir)
+    spec, from_json = _file_spec(files[0], data_dir)
+    if not from_json:
+        _check_spec_file(data_dir, spec, files[0])
+    first = spec.to_dict()
+    for path in files[1:]:
+        other, other_json = _file_spec(path, data_dir)
+        from_json = from_json or other_json
+        theirs = other.to_dict()
+        for key in sorted(set(first) | set(theirs)):
+            if first.get(key) != theirs.get(key):
+                shown = (repr(theirs.get(key))[:80], repr(first.get(key))[:80])
+                raise DataValidationError(
+                    f"{path}: field {key!r} of its feature spec differs from that of "
+                    f"{files[0].relative_to(data_dir)} ({shown[0]} vs {shown[1]}); every shard "
+                    "of a data set must carry the same spec"
+                )
+    return files, spec, from_json
+
+
+def _check_ids_across_files(files: list[Path], ids: list[np.ndarray]) -> None:
+    """Request ids must be unique across shards too (each shard is validated on its own)."""
+    flat = np.concatenate(ids)
+    uniq, counts = np.unique(flat, return_counts=True)
+    if not (counts > 1).any():
+        return
+    dup = uniq[counts > 1][0]
+    rows = np.flatnonzero(flat == dup)[:2]
+    starts = np.cumsum([0] + [len(a) for a in ids])
+    (fa, ra), (fb, rb) = ((int(np.searchsorted(starts, r, side="right")) - 1, r) for r in rows)
+    raise DataValidationError(
+        f"{files[fb]}: row {int(rb - starts[fb])} (request_id {str(dup)!r}), field "
+        f"'request_id': duplicate of {files[fa]} row {int(ra - starts[fa])}"
+    )
+
+
+def read_dataset(
+    data_dir: str | Path, validate: bool | None = None
+) -> tuple[pa.Table, FeatureSpec]:
+    """Read a data set folder into memory: schema version first, then the feature spec (the JSON
+    file must agree with the Parquet metadata), column types, and (by default, once per file and
+    process) every invariant of :func:`validate_table`. Errors name the file, row, request and
+    field.
+
+    Either layout reads: one ``requests.parquet``, or shards ``requests/part-*.parquet`` (every
+    shard must carry the same spec; rows are checked shard by shard, request ids across shards;
+    the table is the shards' rows in file-name order). Data larger than memory is read with
+    :class:`genrerank.data.streaming.StreamingRerankDataset` instead.
+
+    A ``requests.parquet`` without genrerank metadata (written by pandas' ``to_parquet`` or
+    another tool) reads when ``feature_spec.json`` is next to it: the JSON is then the spec, and
+    the columns are conformed and validated the same way."""
+    data_dir = Path(data_dir)
+    files, spec, from_json = read_dataset_spec(data_dir)
+    tables = []
+    for path in files:
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataValidationError(
+                f"{path}: not a readable Parquet file ({' '.join(str(exc).split())})"
+            ) from exc
+        tables.append(conform_types(table, spec, where=str(path)))
     if validate is None:
         validate = _validate_on_read
     if validate:
-        stat = path.stat()
-        key: tuple[Any, ...] = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key: tuple[Any, ...] = ()
+        for path in files:
+            stat = path.stat()
+            key += (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
         if from_json:  # the JSON is the spec: editing it must validate again
             spec_stat = (data_dir / SPEC_FILE).stat()
             key += (spec_stat.st_mtime_ns, spec_stat.st_size)
         if key not in _validated:
-            validate_table(table, spec, where=str(path))
+            for path, table in zip(files, tables, strict=True):
+                validate_table(table, spec, where=str(path))
+            if len(files) > 1:
+                _check_ids_across_files(files, [
+                    t.column("request_id").to_numpy(zero_copy_only=False) for t in tables])
             _validated.add(key)
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     if from_json:  # list sizes a hand-written spec may leave at 0, as write_dataset records them
         for name, attr in (("item_id", "max_candidates"), ("exposed", "max_list_length")):
             lengths = table.column(name).combine_chunks().value_lengths().to_numpy()
             setattr(spec, attr, max(getattr(spec, attr), int(lengths.max(initial=0))))
     return table, spec
+
+
+# --------------------------------------------------------------------------- sharded writing
+
+
+def _id_hashes(ids: np.ndarray) -> np.ndarray:
+    """64-bit hashes of request ids: 8 bytes per request to check uniqueness across shards
+    without holding millions of strings (a match is confirmed on the strings)."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(s).encode("utf-8"), digest_size=8).digest(), "little")
+         for s in ids), dtype=np.uint64, count=len(ids))
+
+
+class ShardedDatasetWriter:
+    """Write a data set folder as shards (``requests/part-00000.parquet``, ...), table by table,
+    with memory bounded by one table and one row group, whatever the data set's size.
+
+    ::
+
+        with ShardedDatasetWriter(out, spec, shard_requests=200_000) as writer:
+            for table in tables:          # e.g. the simulator's chunks
+                writer.write(table)
+
+    Each table is conformed and validated (every invariant of :func:`validate_table`) when
+    written; request ids are checked across tables by 64-bit hashes kept in memory (8 bytes a
+    request). Everything goes to a hidden temporary folder beside ``out_dir`` that is renamed
+    into place only when the block ends without an error (with ``feature_spec.json`` and, unless
+    ``allow_missing_splits``, requests in both the ``train`` and ``valid`` splits); on an error
+    it is removed and whatever was at ``out_dir`` stays. Every shard carries the same spec in its
+    metadata, so the spec's ``max_candidates`` and ``max_list_length`` must be set before the
+    first shard and bound every request (a request above them is refused).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        spec: FeatureSpec,
+        *,
+        shard_requests: int = 200_000,
+        row_group_requests: int = 8192,
+        overwrite: bool = False,
+        allow_missing_splits: bool = False,
+    ) -> None:
+        if shard_requests < 1 or row_group_requests < 1:
+            raise ValueError("shard_requests and row_group_requests must be >= 1")
+        if spec.max_candidates < 1 or spec.max_list_length < 1:
+            raise ValueError(
+                "ShardedDatasetWriter: set spec.max_candidates and spec.max_list_length first "
+                "(every shard's metadata carries the spec, so it cannot grow afterwards)")
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+        self.spec = spec
+        self.shard_requests = shard_requests
+        self.row_group_requests = row_group_requests
+        self.overwrite = overwrite
+        self.allow_missing_splits = allow_missing_splits
+        self.schema = arrow_schema(spec).with_metadata({
+            METADATA_VERSION_KEY: str(SCHEMA_VERSION).encode(),
+            METADATA_SPEC_KEY: spec.to_json().encode(),
+        })
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-",
+                                          dir=self.out_dir.parent))
+        (self._tmp / SHARDS_DIR).mkdir()
+        self._writer: pq.ParquetWriter | None = None
+        self._shard = -1
+        self._shard_rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._hashes: list[np.ndarray] = []
+        self.num_requests = 0  #: requests accepted so far
+        self.split_counts: dict[str, int] = {}
+        self.shard_paths: list[Path] = []  #: final paths of the shards written
+        self._done = False
+
+    def __enter__(self) -> ShardedDatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, table: pa.Table) -> None:
+        """Validate ``table`` (requests in the data set's row order) and append it."""
+        if self._done:
+            raise RuntimeError("ShardedDatasetWriter: already closed")
+        if table.num_rows == 0:
+            return
+        first = self.num_requests
+        where = f"{self.out_dir} (requests {first} to {first + table.num_rows - 1})"
+        table = conform_types(table, self.spec, where=where)
+        validate_table(table, self.spec, where=where)
+        m = table.column("exposed").combine_chunks().value_lengths().to_numpy()
+        if int(m.max()) > self.spec.max_list_length:
+            r = int(np.argmax(m))
+            raise DataValidationError(
+                f"{where}: row {r}, field 'exposed': {int(m[r])} exposed items, more than the "
+                f"spec's max_list_length={self.spec.max_list_length}")
+        ids = table.column("request_id").to_numpy(zero_copy_only=False)
+        self._hashes.append(_id_hashes(ids))
+        names, counts = np.unique(table.column("split").to_numpy(zero_copy_only=False),
+                                  return_counts=True)
+        for name, count in zip(names, counts, strict=True):
+            self.split_counts[str(name)] = self.split_counts.get(str(name), 0) + int(count)
+        self.num_requests += table.num_rows
+        self._pending.append(table.replace_schema_metadata(None))
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self._next_group_size():
+            self._flush(self._next_group_size())
+
+    def _next_group_size(self) -> int:
+        room = self.shard_requests - self._shard_rows if self._writer is not None \
+            else self.shard_requests
+        return min(self.row_group_requests, room)
+
+    def _flush(self, rows: int) -> None:
+        """Write the first ``rows`` pending requests as one row group of the current shard."""
+        pending = pa.concat_tables(self._pending)
+        group, rest = pending.slice(0, rows), pending.slice(rows)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        if self._writer is None:
+            self._shard += 1
+            name = SHARD_PATTERN.format(self._shard)
+            self._writer = pq.ParquetWriter(self._tmp / SHARDS_DIR / name, self.schema,
+                                            compression="zstd")
+            self.shard_paths.append(self.out_dir / SHARDS_DIR / name)
+            self._shard_rows = 0
+        self._writer.write_table(group.cast(self.schema), row_group_size=rows)
+        self._shard_rows += rows
+        if self._shard_rows >= self.shard_requests:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> Path:
+        """Finish the last shard, check splits and request ids, and move the folder into
+        place; returns ``out_dir``."""
+        if self._done:
+            return self.out_dir
+        try:
+            while self._pending_rows:
+                self._flush(min(self._pending_rows, self._next_group_size()))
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            if not self.num_requests:
+                raise DataValidationError(f"{self.out_dir}: no requests")
+            if not self.allow_missing_splits:
+                missing = [s for s in ("train", "valid") if not self.split_counts.get(s)]
+                if missing:
+                    raise DataValidationError(
+                        f"{self.out_dir}: no request in the "
+                        f"{' or '.join(repr(s) for s in missing)} split (splits present: "
+                        f"{sorted(self.split_counts)}); pass allow_missing_splits=True for a "
+                        "data set only re-ranked or evaluated")
+            self._check_unique_ids()
+            (self._tmp / SPEC_FILE).write_text(self.spec.to_json())
+            _atomic_replace_dir(self._tmp, self.out_dir, self.overwrite)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Drop everything written: ``out_dir`` keeps what it held before."""
+        self._done = True
+        if self._writer is not None:
+            # The folder goes anyway, and the error that brought us here is the one to show.
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _check_unique_ids(self) -> None:
+        hashes = np.concatenate(self._hashes)
+        self._hashes = []
+        order = np.argsort(hashes, kind="stable")
+        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        if not same.size:
+            return
+        # Equal hashes: confirm on the strings (a 64-bit collision is possible, if unlikely).
+        suspects = np.unique(np.concatenate([order[same], order[same + 1]]))
+        files = dataset_files(self._tmp)
+        sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        starts = np.cumsum([0, *sizes])
+        found: dict[str, int] = {}
+        for row in suspects:
+            k = int(np.searchsorted(starts, row, side="right")) - 1
+            local = int(row - starts[k])
+            rid = pq.read_table(files[k], columns=["request_id"]).column(0)[local].as_py()
+            if rid in found:
+                first = int(found[rid])
+                kf = int(np.searchsorted(starts, first, side="right")) - 1
+                raise DataValidationError(
+                    f"{self.shard_paths[k]}: row {local} (request_id {rid!r}), field "
+                    f"'request_id': duplicate of {self.shard_paths[kf]} row "
+                    f"{int(first - starts[kf])}")
+            found[rid] = int(row)

@@ -13,6 +13,14 @@ training had never stopped, because
 - validation runs with the RNG states saved and restored around it, so how often one validates
   never changes the training trajectory.
 
+Data-parallel training (``torchrun``, or ``genrerank train --nproc N``): every rank holds the
+model, trains on its share of each global batch (:class:`EpochSampler`; ``batch_size`` is per
+rank) and DistributedDataParallel averages the gradients, so W ranks at batch b follow one
+process at batch W * b (exactly when the loss is a mean over equally many positions per rank, as
+with fixed-length lists). Validation is sharded without padding and summed over ranks (every
+request counted once); rank 0 alone writes checkpoints, metrics, TensorBoard and progress, and
+the run folder must be a path every rank sees. The checkpoints are plain single-process ones.
+
 Outputs in ``out_dir``: ``last/`` and ``best/`` checkpoints (see :mod:`.checkpoint`),
 ``metrics.jsonl`` (one JSON line per evaluation) and ``tensorboard/`` event files.
 
@@ -587,11 +595,14 @@ class Trainer:
     def _train_loader(self, epoch: int, start: int) -> DataLoader:
         """Epoch ``epoch``'s batches for this rank, from its ``start``-th request on."""
         cfg = self.config
+        # Creating a loader iterator draws a base seed from its generator, or else from the
+        # global torch RNG, which would shift dropout after a mid-epoch resume.
         if self.streaming:
             self.train_data.set_epoch(epoch)
             self.train_data.set_start(start)
             return DataLoader(self.train_data, batch_size=cfg.batch_size,
-                              collate_fn=_collate_of(self.train_data), num_workers=0)
+                              collate_fn=_collate_of(self.train_data), num_workers=0,
+                              generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
         return DataLoader(
             self.train_data,
             batch_size=cfg.batch_size,
@@ -601,8 +612,6 @@ class Trainer:
             ),
             collate_fn=_collate_of(self.train_data),
             num_workers=0,
-            # Creating a loader iterator draws a base seed from this generator, or else from
-            # the global torch RNG, which would shift dropout after a mid-epoch resume.
             generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)),
         )
 

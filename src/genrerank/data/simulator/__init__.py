@@ -17,7 +17,13 @@ Typical use::
     best, best_gain = sim.upper_bound(state, beam_width=16)
 """
 
-from genrerank.data.simulator.generate import feature_spec, simulate_dataset, simulate_to_dir
+from genrerank.data.simulator.generate import (
+    feature_spec,
+    simulate_dataset,
+    simulate_sharded,
+    simulate_to_dir,
+    time_split_codes,
+)
 from genrerank.data.simulator.logging_policy import plackett_luce_log_prob, plackett_luce_sample
 from genrerank.data.simulator.oracle import (
     SIMULATOR_VERSION,
@@ -53,5 +59,7 @@ __all__ = [
     "request_ids",
     "request_index",
     "simulate_dataset",
+    "simulate_sharded",
     "simulate_to_dir",
+    "time_split_codes",
 ]

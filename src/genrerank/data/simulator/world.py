@@ -371,13 +371,26 @@ class World:
             items[r, c] = self._draw_items(cats[r, c], rng)
         raise RuntimeError("recall could not draw unique candidates; is the catalogue too small?")
 
+    def draw_user_and_time(
+        self, B: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first draws of a chunk's state stream: the user, then the time of each request.
+
+        Kept apart (and first) so that :meth:`Simulator.chunk_times` can replay only these to
+        split a data set by time before generating it shard by shard. Times are drawn
+        uniformly over ``span_days``, independently of the request index (not monotone in it).
+        """
+        cfg = self.config
+        user = np.searchsorted(self.user_request_cdf, rng.random(B) * self.user_request_cdf[-1])
+        user = np.minimum(user, cfg.n_users - 1)
+        time = cfg.start_time + np.floor(rng.random(B) * cfg.span_days * 86400).astype(np.int64)
+        return user, time
+
     def make_requests(self, index: np.ndarray, rng: np.random.Generator) -> RequestState:
         """The hidden state of requests ``index`` drawn from ``rng`` (one chunk's state stream)."""
         cfg = self.config
         B = len(index)
-        user = np.searchsorted(self.user_request_cdf, rng.random(B) * self.user_request_cdf[-1])
-        user = np.minimum(user, cfg.n_users - 1)
-        time = cfg.start_time + np.floor(rng.random(B) * cfg.span_days * 86400).astype(np.int64)
+        user, time = self.draw_user_and_time(B, rng)
         items = self.recall(user, rng)
         category = self.item_category[items]
         creator = self.item_creator[items]
