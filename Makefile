@@ -18,10 +18,20 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# A real tritonserver for the Triton tests and benchmark: the binary of the nvidia-pytriton
+# wheel (55 MB download, 144 MB installed; Triton 2.51 with the Python backend), installed
+# with --no-deps into its own folder because the wheel pins numpy<2. Not fatal when it
+# cannot be installed: the Triton-server tests then skip, saying why.
+PYTRITON := $(VENV)/pytriton/.installed-0.7.0
+$(PYTRITON): | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/pytriton \
+		nvidia-pytriton==0.7.0 && touch $@ \
+		|| echo "nvidia-pytriton not installed: the tests that need tritonserver will skip"
+
 demo: $(STAMP)
 	$(BIN)/genrerank demo
 
-test: $(STAMP)
+test: $(STAMP) $(PYTRITON)
 	$(BIN)/ruff check .
 	# Two workers, each test file on one (module fixtures are built once): 8 min, not 12.
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -125,13 +125,19 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--shard-requests", type=click.IntRange(1), default=None,
+              help="Write shards of this many requests (OUT/requests/part-*.parquet), chunk by "
+                   "chunk with bounded memory, for data larger than memory.")
 @_user_errors
-def simulate(preset: str, n_requests: int, seed: int, out_dir: Path, overwrite: bool) -> None:
+def simulate(preset: str, n_requests: int, seed: int, out_dir: Path, overwrite: bool,
+             shard_requests: int | None) -> None:
     """Generate logged requests from the ground-truth simulator."""
     from genrerank.data.simulator import simulate_to_dir
 
-    path = simulate_to_dir(preset, n_requests, seed, out_dir, overwrite=overwrite)
-    click.echo(f"wrote {n_requests} {preset} requests to {path}")
+    path = simulate_to_dir(preset, n_requests, seed, out_dir, overwrite=overwrite,
+                           shard_requests=shard_requests)
+    shards = f" in shards of {shard_requests}" if shard_requests else ""
+    click.echo(f"wrote {n_requests} {preset} requests to {path}{shards}")
 
 
 @main.group()
@@ -296,11 +302,15 @@ def _relaunch_under_torchrun(nproc: int) -> None:
 @click.option("--set", "overrides", multiple=True, help="Override: key=value, e.g. train.lr=3e-4.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last/.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing OUT.")
+@click.option("--stream", "streaming", is_flag=True,
+              help="Stream the training split by Parquet row groups (bounded memory, for data "
+                   "larger than memory; statistics from its first 200,000 requests).")
 @_nproc_option
 @_validation_option
 @_user_errors
 def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | None,
-          overrides: tuple[str, ...], resume: bool, overwrite: bool, nproc: int) -> None:
+          overrides: tuple[str, ...], resume: bool, overwrite: bool, streaming: bool,
+          nproc: int) -> None:
     """Train a model (train split; early stopping and selection on valid)."""
     from genrerank.utils import distributed
 
@@ -309,7 +319,7 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
 
     try:
         best = train_run(model_name, data_dir, out_dir, config_path, overrides, resume,
-                         overwrite)
+                         overwrite, streaming=streaming)
         ctx = distributed.context()
     finally:
         distributed.shutdown()
@@ -526,11 +536,37 @@ def rerank(run_dir: Path | None, pipeline_config: Path | None, data_dir: Path, o
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--quantize", is_flag=True, help="Also write int8 (dynamic quantization) graphs.")
 @click.option("--no-check", is_flag=True, help="Skip the PyTorch parity check.")
+@click.option("--triton", "triton_repo", type=click.Path(path_type=Path), default=None,
+              help="Also write the item tower and per-request graph to this Triton model "
+                   "repository (validated offline; other models there are left alone).")
+@click.option("--triton-name", default=None, help="Model name prefix in the repository "
+                                                  "(default: the model's name).")
+@click.option("--triton-gpu", is_flag=True,
+              help="GPU instances (KIND_GPU) with a GPU execution accelerator.")
+@click.option("--triton-accelerator", type=click.Choice(["tensorrt", "cuda"]),
+              default="tensorrt", show_default=True,
+              help="With --triton-gpu: TensorRT (CUDA for what it cannot run) or CUDA alone.")
+@click.option("--triton-backend", type=click.Choice(["onnxruntime", "python"]),
+              default="onnxruntime", show_default=True,
+              help="python: the CPU stand-in (Python backend running the same model.onnx), "
+                   "for a tritonserver without the ONNX Runtime backend.")
+@click.option("--triton-max-batch", type=click.IntRange(1), default=64, show_default=True,
+              help="max_batch_size of the per-request model (requests per batch).")
+@click.option("--triton-queue-delay-us", type=click.IntRange(0), default=200,
+              show_default=True, help="Dynamic batching: longest wait to fill a batch.")
 @_user_errors
-def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> None:
-    """Export a run to ONNX (dynamic batch, n and m) and check parity with PyTorch."""
+def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool,
+               triton_repo: Path | None, triton_name: str | None, triton_gpu: bool,
+               triton_accelerator: str, triton_backend: str, triton_max_batch: int,
+               triton_queue_delay_us: int) -> None:
+    """Export a run to ONNX (dynamic batch, n and m) and check parity with PyTorch;
+    --triton also writes a Triton Inference Server model repository."""
     from genrerank.serving.export import ExportError, export_run
 
+    if triton_repo is not None and triton_name is not None:  # before the export's minutes
+        from genrerank.serving.triton.repository import check_model_name
+
+        check_model_name(triton_name)
     try:
         manifest = export_run(run_dir, out_dir, quantize=quantize, check=not no_check)
     except ExportError as exc:
@@ -554,6 +590,19 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
                    f"{'/'.join(map(str, parity['sizes']))}, m = {parity['list_length']}): "
                    f"max |onnx - torch| {diffs}; decoded lists identical: "
                    f"{parity['lists_identical']}")
+    if triton_repo is not None:
+        from genrerank.serving.triton.repository import write_repository
+
+        models = write_repository(
+            out_dir, triton_repo, name=triton_name, backend=triton_backend, gpu=triton_gpu,
+            accelerator=triton_accelerator, max_batch_size={"model": triton_max_batch},
+            queue_delay_us=triton_queue_delay_us)
+        for name, info in models.items():
+            where = "GPU, " + "+".join(info["accelerators"]) if triton_gpu else "CPU"
+            click.echo(f"triton: {triton_repo / name}/config.pbtxt + 1/model.onnx "
+                       f"({info['backend']}, {where}, max_batch_size {info['max_batch_size']}, "
+                       f"{len(info['inputs'])} inputs / {len(info['outputs'])} outputs checked "
+                       "against the graph)")
 
 
 @main.command()
@@ -563,6 +612,15 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
                                                     file_okay=False),
               default=None, help="Serve an export folder with ONNX Runtime.")
 @click.option("--int8", is_flag=True, help="Use the export's int8 graphs (--onnx only).")
+@click.option("--model-server", default=None, metavar="HOST:PORT",
+              help="Run the model on this Triton server (gRPC; a repository written by "
+                   "export --triton); validation, item cache and decoding stay here.")
+@click.option("--model-name", default=None,
+              help="With --model-server: the per-request model (<name>_model) when the "
+                   "server has several.")
+@click.option("--model-workers", type=click.IntRange(1), default=None,
+              help="Model calls in flight at once [default: 1; 4 with --model-server, so "
+                   "that its dynamic batcher has concurrent requests to stack].")
 @click.option("--pipeline", "pipeline_config", type=click.Path(path_type=Path, exists=True,
                                                                dir_okay=False),
               default=None, help="Also offer strategy 'pipeline' (generator-evaluator).")
@@ -599,6 +657,7 @@ def export_cmd(run_dir: Path, out_dir: Path, quantize: bool, no_check: bool) -> 
 @click.option("--log-level", default="warning", show_default=True)
 @_user_errors
 def serve(run_dir: Path | None, onnx_dir: Path | None, int8: bool,
+          model_server: str | None, model_name: str | None, model_workers: int | None,
           pipeline_config: Path | None, host: str, port: int, threads: int, cache_size: int,
           cache_bytes: int, max_item_id_length: int, max_candidates: int, timeout_ms: float,
           max_queue: int, max_wait_ms: float, header_timeout_s: float, body_timeout_s: float,
@@ -616,10 +675,12 @@ def serve(run_dir: Path | None, onnx_dir: Path | None, int8: bool,
                                 cache_size=cache_size, cache_bytes=cache_bytes,
                                 max_candidates=max_candidates,
                                 max_item_id_length=max_item_id_length,
-                                pipeline_config=pipeline_config)
+                                pipeline_config=pipeline_config, model_server=model_server,
+                                model_name=model_name, timeout_s=timeout_ms / 1000.0)
         app = create_app(service, timeout_s=timeout_ms / 1000.0, max_queue=max_queue,
                          max_wait_s=max_wait_ms / 1000.0 if max_wait_ms else None,
-                         body_timeout_s=body_timeout_s)
+                         body_timeout_s=body_timeout_s,
+                         model_workers=model_workers or (4 if model_server else 1))
         backend = service.backend.name
 
         def announce(bound_host: str, bound_port: int) -> None:
@@ -732,6 +793,27 @@ def bench_hierarchical(quick: bool, out_dir: Path, seeds: str, datasets: str | N
     run_hierarchical_benchmark(quick, out_dir, seed_list, settings=settings, merge=merge)
 
 
+@bench.command("ddp")
+@click.option("--requests", "n_requests", type=click.IntRange(100), default=20_000,
+              show_default=True, help="Simulated kuaishou requests (about 80 % train).")
+@click.option("--nproc", "processes", type=click.IntRange(2), default=2, show_default=True,
+              help="Data-parallel processes to compare with one.")
+@click.option("--models", default=",".join(("pointwise", "nar4rec")), show_default=True,
+              help="Comma-separated models (packaged configs).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@_user_errors
+def bench_ddp(n_requests: int, processes: int, models: str, device: str,
+              out_dir: Path) -> None:
+    """Training throughput (requests/s) of 1 and N data-parallel processes under torchrun."""
+    from genrerank.bench.distributed import run_ddp_benchmark
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    run_ddp_benchmark(out_dir, n_requests, processes, names, device,
+                      name="ddp" if device == "cpu" else f"ddp_{device}")
+
+
 @bench.command("import")
 @click.option("--rows", type=click.IntRange(10), default=1_000_000, show_default=True,
               help="Impression rows of the synthetic CSV (10 per request).")
@@ -746,6 +828,45 @@ def bench_import(rows: int, skip_walkthrough: bool, skip_import: bool, out_dir: 
 
     run_import_benchmark(rows, out_dir, walkthrough=not skip_walkthrough,
                          import_rows=not skip_import)
+
+
+@bench.command("large-data")
+@click.option("--quick", is_flag=True, help="40,000 requests in shards of 10,000: a smoke check.")
+@click.option("--requests", "n_requests", type=click.IntRange(1), default=None,
+              help="Simulated kuaishou requests [default: 5,000,000; 40,000 with --quick].")
+@click.option("--shard-requests", type=click.IntRange(1), default=None,
+              help="Requests per shard [default: 200,000; 10,000 with --quick].")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+              help="DataLoader workers of the training phase.")
+@click.option("--max-train-seconds", type=click.FloatRange(min=1), default=None,
+              help="Stop the training phase after this long (reported as a partial epoch).")
+@click.option("--work-dir", type=click.Path(path_type=Path),
+              default=Path("/tmp/genrerank-large-data"), show_default=True,
+              help="Where the data set is written (about 1.1 kB a request).")
+@click.option("--keep-data", is_flag=True, help="Keep the data set after the benchmark.")
+@click.option("--trainer", "use_trainer", is_flag=True,
+              help="Train with the shared Trainer (whole epoch, validation on a sample) instead "
+                   "of the benchmark's own loop.")
+@click.option("--skip-write", is_flag=True,
+              help="Reuse the data set (and write figures) of a previous --keep-data run.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              default=Path("benchmarks/results"), show_default=True)
+@_user_errors
+def bench_large_data(quick: bool, n_requests: int | None, shard_requests: int | None,
+                     batch_size: int, workers: int, max_train_seconds: float | None,
+                     work_dir: Path, keep_data: bool, use_trainer: bool, skip_write: bool,
+                     out_dir: Path) -> None:
+    """Write millions of simulated requests in shards, then train one epoch streaming them:
+    time and peak RSS of each phase."""
+    from genrerank.bench import large_data as ld
+
+    n = n_requests or (ld.QUICK_REQUESTS if quick else ld.DEFAULT_REQUESTS)
+    shard = shard_requests or (ld.QUICK_SHARD_REQUESTS if quick else ld.DEFAULT_SHARD_REQUESTS)
+    ld.run_large_data_benchmark(n, shard, out_dir, work_dir, quick=quick, batch_size=batch_size,
+                                workers=workers, max_train_seconds=max_train_seconds,
+                                keep_data=keep_data, skip_write=skip_write,
+                                trainer=use_trainer)
 
 
 @bench.command("latency")
@@ -811,10 +932,15 @@ def bench_latency(quick: bool, runs: int | None, threads: int, cell_budget: floa
 @click.option("--presets", default=None, help="Comma-separated subset of kuaishou,large.")
 @click.option("--skip-load", is_flag=True, help="Only the in-process model-time part.")
 @click.option("--skip-model-time", is_flag=True, help="Only the HTTP load part.")
+@click.option("--backends", default=None,
+              help="Comma-separated HTTP load backends: torch, onnx, triton (the model on a "
+                   "real tritonserver) [default: torch,onnx].")
+@click.option("--out-stem", default=None,
+              help="Name of the HTTP load result files [default: serving / serving_quick].")
 @_user_errors
 def bench_serving(quick: bool, out_dir: Path, work_dir: Path | None, threads: int | None,
                   rates: str | None, presets: str | None, skip_load: bool,
-                  skip_model_time: bool) -> None:
+                  skip_model_time: bool, backends: str | None, out_stem: str | None) -> None:
     """ONNX Runtime vs PyTorch model time, int8, item cache; then HTTP load at rising rates."""
     import dataclasses
     import tempfile
@@ -854,6 +980,10 @@ def bench_serving(quick: bool, out_dir: Path, work_dir: Path | None, threads: in
             changes["rates"] = tuple(float(r) for r in rates.split(",") if r.strip())
         if work_dir is not None:
             changes["work_dir"] = str(work_dir / "load")
+        if backends:
+            changes["backends"] = tuple(b.strip() for b in backends.split(",") if b.strip())
+        if out_stem:
+            changes["out_stem"] = out_stem
         run_serving_benchmark(dataclasses.replace(load, **changes), out_dir)
 
 

@@ -51,7 +51,18 @@ Method, per (backend, preset):
   ``max_wait_quiet_s``) until other processes are quiet, as ``bench latency`` does, and records
   the CPU other processes used during the step.
 
-Outputs ``serving.{json,md}`` in the results folder (``serving_quick.*`` with ``--quick``).
+**Triton** (backend ``triton``, ``--backends onnx,triton``): the same service started with
+``--model-server`` against a real ``tritonserver`` (:mod:`genrerank.serving.triton.launcher`)
+serving the export's Triton repository, here the CPU stand-in (Python backend running the same
+``model.onnx`` with ONNX Runtime) since the CPU binary has no ONNX Runtime backend; dynamic
+batching on, the service with ``triton_workers`` model calls in flight. Before the load, the
+Triton-backed service and in-process ONNX Runtime serve the export's parity request set and
+their lists are compared; after it, Triton's own statistics give the mean batch size it ran.
+The server CPU column counts the service only (tritonserver and its stub are separate
+processes, recorded per configuration).
+
+Outputs ``serving.{json,md}`` in the results folder (``serving_quick.*`` with ``--quick``,
+``<out_stem>.*`` when set).
 """
 
 from __future__ import annotations
@@ -85,7 +96,8 @@ from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
 
 PRESETS = ("kuaishou", "large")
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "triton")
+DEFAULT_BACKENDS = ("torch", "onnx")
 RATES = (25.0, 50.0, 100.0, 200.0, 400.0)
 MODEL = "nar4rec"
 RERANK_PATH = "/v1/rerank"
@@ -109,7 +121,7 @@ class ServingSettings:
     """Grid, load shape and budget of one run (``ServingSettings()`` full, ``quick()`` smoke)."""
 
     presets: tuple[str, ...] = PRESETS
-    backends: tuple[str, ...] = BACKENDS
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     rates: tuple[float, ...] = RATES  # offered requests/s, rising; the ramp stops early on trouble
     duration_s: float = 10.0  # per step, or ...
     max_requests: int = 4000  # ... this many requests, whichever comes first
@@ -146,6 +158,8 @@ class ServingSettings:
     host: str = "127.0.0.1"
     work_dir: str | None = None  # data, runs, exports, server logs; None = a temporary folder
     is_quick: bool = False  # names the output files (serving_quick.*) and the report
+    out_stem: str | None = None  # output file names (default serving / serving_quick)
+    triton_workers: int = 4  # the Triton-backed service's --model-workers
 
     @classmethod
     def full(cls) -> ServingSettings:
@@ -159,9 +173,9 @@ class ServingSettings:
                    capacity_duration_s=2.0, is_quick=True)
 
 
-def output_paths(out_dir: str | Path, quick: bool) -> dict[str, Path]:
-    """``serving.{json,md}``, or ``serving_quick.*`` for a quick run."""
-    stem = "serving_quick" if quick else "serving"
+def output_paths(out_dir: str | Path, quick: bool, stem: str | None = None) -> dict[str, Path]:
+    """``serving.{json,md}``, or ``serving_quick.*`` for a quick run (``stem.*`` if given)."""
+    stem = stem or ("serving_quick" if quick else "serving")
     return {ext: Path(out_dir) / f"{stem}.{ext}" for ext in ("json", "md")}
 
 
@@ -964,6 +978,76 @@ def _step_line(cfg: Mapping[str, Any], s: Mapping[str, Any]) -> str:
             f"{s['server']['cpu_percent']:.0f} %, client {100 * (s['client_cores'] or 0):.0f} %")
 
 
+def run_triton_config(info: Mapping[str, Any], preset: str, n: int, m: int,
+                      payloads: Sequence[Mapping[str, Any]], settings: ServingSettings,
+                      work: Path, say: Callable[[str], None]) -> dict[str, Any] | str:
+    """The ``triton`` configuration: the export's repository (Python-backend CPU stand-in) on
+    a real tritonserver, the parity comparison, then :func:`run_config` with the service on
+    ``--model-server``; the reason as a string when tritonserver cannot run here."""
+    import tritonclient.grpc as grpcclient
+
+    from genrerank.serving.runtime import load_reranker
+    from genrerank.serving.triton.compare import compare_services, parity_inputs
+    from genrerank.serving.triton.launcher import TritonProcess, TritonUnavailable
+    from genrerank.serving.triton.repository import model_names, write_repository
+
+    repo = work / "triton" / preset
+    write_repository(info["onnx_dir"], repo, backend="python", threads=settings.threads)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        triton = TritonProcess(repo, log_path=work / "logs" / f"tritonserver-{preset}.log")
+        triton.start()
+    except TritonUnavailable as exc:
+        return str(exc)
+    try:
+        say(f"triton {preset}: tritonserver ready on {triton.url}; parity with ONNX Runtime")
+        remote = load_reranker(model_server=triton.url)
+        local = load_reranker(onnx_dir=info["onnx_dir"])
+        lengths = tuple(sorted({1, min(3, m), m}))
+        parity = compare_services(remote, local, parity_inputs(remote.spec,
+                                                               remote.strategies[0], lengths))
+        say(f"triton {preset}: parity set: {parity['identical_lists']}/{parity['requests']} "
+            f"identical lists, max score difference {parity['max_score_diff']:.2g}")
+        model = model_names(MODEL)["model"]
+        client = grpcclient.InferenceServerClient(triton.url)
+        before = client.get_inference_statistics(model).model_stats[0]
+        proc = psutil.Process(triton.proc.pid) if triton.proc is not None else None
+        cpu0 = _family_cpu(proc)
+        t0 = time.perf_counter()
+        args = ["--model-server", triton.url, "--model-workers", str(settings.triton_workers)]
+        cfg = run_config("triton", args, preset, n, m, payloads, settings,
+                         work / "logs" / f"triton-{preset}", say)
+        after = client.get_inference_statistics(model).model_stats[0]
+        inferences = after.inference_count - before.inference_count
+        executions = after.execution_count - before.execution_count
+        cfg["parity"] = parity
+        cfg["triton"] = {
+            "repository": "python-backend CPU stand-in (model.py runs model.onnx with ONNX "
+                          "Runtime), dynamic batching",
+            "service_model_workers": settings.triton_workers,
+            "inferences": inferences, "executions": executions,
+            "mean_batch": inferences / executions if executions else None,
+            # tritonserver + its Python stubs, over the whole configuration.
+            "cpu_cores_mean": (_family_cpu(proc) - cpu0) / (time.perf_counter() - t0),
+        }
+        say(f"triton {preset}: {inferences} model inferences in {executions} executions "
+            f"(mean batch {_num(cfg['triton']['mean_batch'], 2)})")
+        return cfg
+    finally:
+        triton.stop()
+
+
+def _family_cpu(proc: psutil.Process | None) -> float:
+    if proc is None:
+        return 0.0
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 # ---------------------------------------------------------------------------- targets
 
 
@@ -1027,6 +1111,7 @@ def serving_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     if shedding:  # the bounded queue refusing the excess: the designed answer to overload
         notes.append(f"{shedding} step(s) at or past capacity shed load with 503 + Retry-After, "
                      "not counted as errors")
+    out += triton_targets(result)
     line = {
         "target": "no errors and no crash under load; every malformed request answered 4xx",
         "value": None,
@@ -1037,6 +1122,47 @@ def serving_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         line["note"] = "; ".join(notes)
     out.append(line)
     out += overload_targets(result)
+    return out
+
+
+def triton_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The issue's Triton targets: the same lists as in-process ONNX Runtime on the parity set;
+    200 requests/s held at n = 60 with 0 errors (no 503, no late answer, >= 95 % achieved)."""
+    out: list[dict[str, Any]] = []
+    for c in result["configs"]:
+        if c["backend"] != "triton":
+            continue
+        parity = c.get("parity") or {}
+        same = parity.get("identical_lists")
+        out.append({
+            "target": f"Triton-backed service answers the same lists as in-process ONNX Runtime "
+                      f"on the parity request set (n = {c['n']} configuration)",
+            "value": None,
+            "status": "not measured" if same is None else
+                      "met" if same == parity["requests"] else "not met",
+            "note": f"{same}/{parity.get('requests')} identical lists, max score difference "
+                    f"{parity.get('max_score_diff', float('nan')):.2g}" if same is not None
+                    else None,
+        })
+        if c["n"] != TARGET_N:
+            continue
+        step = next((s for s in c.get("steps", []) if s["offered_rps"] == TARGET_RATE), None)
+        line: dict[str, Any] = {"target": f"Triton-backed service holds {TARGET_RATE:g} "
+                                          f"requests/s at n = {TARGET_N} with 0 errors",
+                                "value": None}
+        if step is None:
+            line |= {"status": "not met" if c.get("stopped") else "not measured",
+                     "note": f"ramp stopped: {c['stopped']['reason']}" if c.get("stopped")
+                     else f"{TARGET_RATE:g} requests/s not reached"}
+        else:
+            held = (not step["error_count"] and not step["late"] and not step.get("shed")
+                    and (step["achieved_rps"] or 0) >= 0.95 * TARGET_RATE)
+            line |= {"status": "met" if held else "not met",
+                     "note": f"achieved {_num(step['achieved_rps'])}/s, p99 "
+                             f"{_ms(step['latency']['p99_ms'])} ms, errors "
+                             f"{step['error_count']}, 503 {step.get('shed', 0)}, late "
+                             f"{step['late']}"}
+        out.append(line)
     return out
 
 
@@ -1132,9 +1258,18 @@ def run_serving_benchmark(
             info = inputs[preset] = prepare_inputs(preset, settings, work, say)
             payloads = request_pool(info["data_dir"], m, settings.pool_size)
             for backend in settings.backends:
-                if backend == "onnx" and "onnx_dir" not in info:
-                    why = skipped[f"onnx {preset}"] = info.get("onnx_skipped", "no ONNX export")
-                    say(f"onnx {preset}: skipped: {why}")
+                if backend in ("onnx", "triton") and "onnx_dir" not in info:
+                    why = skipped[f"{backend} {preset}"] = info.get("onnx_skipped",
+                                                                    "no ONNX export")
+                    say(f"{backend} {preset}: skipped: {why}")
+                    continue
+                if backend == "triton":
+                    cfg = run_triton_config(info, preset, n, m, payloads, settings, work, say)
+                    if isinstance(cfg, str):
+                        skipped[f"triton {preset}"] = cfg
+                        say(f"triton {preset}: skipped: {cfg}")
+                    else:
+                        configs.append(cfg)
                     continue
                 args = (["--run", info["run_dir"]] if backend == "torch"
                         else ["--onnx", info["onnx_dir"]])
@@ -1171,7 +1306,7 @@ def run_serving_benchmark(
     result["targets"] = serving_targets(result)
     result = _json_safe(result)
     if write:
-        paths = output_paths(out_dir, settings.is_quick)
+        paths = output_paths(out_dir, settings.is_quick, settings.out_stem)
         atomic_write_json(paths["json"], result)
         atomic_write_text(paths["md"], serving_markdown(result))
     say(render_targets(result))
@@ -1306,6 +1441,17 @@ def serving_markdown(result: Mapping[str, Any]) -> str:
                if stop else "ramp completed; ")
             + f"server {'CRASHED' if c.get('crashed') else 'alive'}"
             + (", ready" if c.get("ready_after") else ", NOT ready") + " at the end.")
+        tri = c.get("triton")
+        if tri:
+            par = c.get("parity") or {}
+            notes.append(
+                f"- {name}: Triton {tri['repository']}; service with "
+                f"{tri['service_model_workers']} model calls in flight; {tri['inferences']} "
+                f"inferences in {tri['executions']} executions (mean batch "
+                f"{_num(tri['mean_batch'], 2)}); tritonserver + stub CPU "
+                f"{_num(100 * tri['cpu_cores_mean'], 0)} % on average (not in the server CPU "
+                f"column); parity set {par.get('identical_lists')}/{par.get('requests')} "
+                "identical lists vs in-process ONNX Runtime.")
     for backend, why in result.get("skipped", {}).items():
         notes.append(f"- {backend}: skipped: {why}")
     if notes:
@@ -1335,9 +1481,14 @@ def serving_markdown(result: Mapping[str, Any]) -> str:
     lines += [
         "## " + render_targets(result).replace("Targets:", "Targets\n"),
         "",
-        f"Reproduce: `genrerank bench serving{' --quick' if quick else ''}`; every step "
-        "(server stage timings, CPU, memory, waiting for quiet) is in "
-        f"`{'serving_quick' if quick else 'serving'}.json`.",
+        f"Reproduce: `genrerank bench serving{' --quick' if quick else ''}"
+        # A named run is a load-only run (the model-time part writes serving_model.* itself).
+        + (" --skip-model-time" if s.get("out_stem") else "")
+        + (f" --backends {','.join(s['backends'])}" if tuple(s["backends"]) != DEFAULT_BACKENDS
+           else "")
+        + (f" --out-stem {s['out_stem']}" if s.get("out_stem") else "")
+        + "`; every step (server stage timings, CPU, memory, waiting for quiet) is in "
+        f"`{s.get('out_stem') or ('serving_quick' if quick else 'serving')}.json`.",
         "",
     ]
     return "\n".join(lines)

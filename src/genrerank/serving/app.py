@@ -7,7 +7,9 @@ Endpoints:
 - ``GET /healthz``: ``200 {"status": "ok"}`` while the process is alive.
 - ``GET /readyz``: ``200 {"status": "ready", "model_version": ...}`` once a warm-up request
   has gone through the model; ``503`` before that, or with the error if the warm-up failed,
-  and ``503 {"status": "draining"}`` once the server has been asked to stop (SIGTERM).
+  and ``503 {"status": "draining"}`` once the server has been asked to stop (SIGTERM). A
+  service with a ``ready_check()`` (its model on a model server) is also asked each time, and
+  ``/readyz`` answers ``503`` with its reason while the model server is down.
 - ``GET /metrics``: Prometheus text format (request counts by endpoint and status, re-rank
   latency, errors by kind, model queue depth, item cache statistics read from
   ``service.cache_stats()`` at scrape time, model version).
@@ -15,7 +17,11 @@ Endpoints:
 
 Model calls run one at a time on a dedicated worker thread (the model parallelises inside a
 call with intra-op threads; concurrent calls would only compete for the same cores), so the
-event loop stays free to parse, answer probes and time out slow calls. In front of the worker
+event loop stays free to parse, answer probes and time out slow calls; a model on a model
+server gets ``model_workers`` threads (its calls wait on the network, and the server batches
+concurrent calls). A model server that is down is a ``503`` with ``Retry-After``
+(:class:`~genrerank.serving.types.ModelUnavailable`), one past its own deadline a ``504``
+(:class:`~genrerank.serving.types.ModelTimeout`). In front of the worker
 is a bounded FIFO queue (:class:`ModelQueue`, ``max_queue`` waiting calls):
 
 - a request that finds the queue full (``max_queue`` calls waiting, or more than
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -85,7 +92,7 @@ from genrerank.serving.schema import (
     format_loc,
     synthetic_payload,
 )
-from genrerank.serving.types import RerankResult, RerankService
+from genrerank.serving.types import ModelTimeout, ModelUnavailable, RerankResult, RerankService
 
 logger = logging.getLogger("genrerank.serving")
 
@@ -96,7 +103,8 @@ _KNOWN_PATHS = frozenset({RERANK_PATH, "/healthz", "/readyz", "/metrics", "/docs
 UNPARSED_ENDPOINT = "unparsed"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5)
 LATENCY_BUCKETS += (1.0, 2.5)
-ERROR_KINDS = ("validation", "timeout", "internal", "overloaded", "read_timeout", "client_closed")
+ERROR_KINDS = ("validation", "timeout", "internal", "overloaded", "read_timeout", "client_closed",
+               "model_unavailable")
 #: nginx's "client closed request": recorded in /metrics, never sent (nobody is listening).
 CLIENT_CLOSED = 499
 DEFAULT_MAX_QUEUE = 8
@@ -183,11 +191,13 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 @dataclass(eq=False)
 class ModelQueue:
-    """Calls run one at a time on one worker thread, behind a FIFO queue of at most
-    ``max_waiting`` calls (the running one not included) and, with ``max_wait_s``, at most
-    that much expected waiting: the calls ahead (running one included) times the recent mean
-    call time (an exponential average). One call may always wait, so a slow model still keeps
-    its worker busy.
+    """Calls run one at a time on one worker thread (``workers`` threads, each running one
+    call, when the model is remote: a call then mostly waits on the network, and concurrent
+    calls are what a model server's dynamic batcher stacks), behind a FIFO queue of at most
+    ``max_waiting`` calls (the running ones not included) and, with ``max_wait_s``, at most
+    that much expected waiting: the calls ahead (running ones included, less the workers
+    free for it) times the recent mean call time (an exponential average) / ``workers``. One
+    call may always wait, so a slow model still keeps its worker busy.
 
     ``submit`` refuses a call when the queue is full (the caller answers 503); the worker
     drops a call whose deadline passed while it waited, without running it; ``cancel`` takes a
@@ -197,11 +207,12 @@ class ModelQueue:
     max_waiting: int
     max_wait_s: float | None = None
     name: str = "genrerank-model"
+    workers: int = 1
     _jobs: deque[_Job] = field(default_factory=deque, init=False)
     _cond: threading.Condition = field(default_factory=threading.Condition, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _closed: bool = field(default=False, init=False)
-    busy: bool = field(default=False, init=False)  # a call is running
+    busy: int = field(default=0, init=False)  # calls running (at most ``workers``)
     #: Recent mean duration of a call, seconds (None before the first one).
     call_s: float | None = field(default=None, init=False)
 
@@ -210,14 +221,18 @@ class ModelQueue:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.max_wait_s is not None and not self.max_wait_s > 0:
             raise ValueError(f"max_wait_s must be > 0, got {self.max_wait_s}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
     @property
     def waiting(self) -> int:
         return len(self._jobs)
 
     def expected_wait_s(self) -> float:
-        """How long a call submitted now would wait: the calls ahead times the mean call time."""
-        return (len(self._jobs) + self.busy) * (self.call_s or 0.0)
+        """How long a call submitted now would wait: the calls ahead times the mean call time
+        (with several workers: the calls ahead beyond the free workers, shared among them)."""
+        ahead = max(len(self._jobs) + self.busy - self.workers + 1, 0)
+        return ahead * (self.call_s or 0.0) / self.workers
 
     def full(self) -> bool:
         """Whether a call submitted now would be refused (read without the lock: a hint)."""
@@ -239,9 +254,12 @@ class ModelQueue:
                 return None
             self._jobs.append(job)
             if self._thread is None:
-                # A daemon: a model call stuck forever must not keep the process alive.
-                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-                self._thread.start()
+                # Daemons: a model call stuck forever must not keep the process alive.
+                for k in range(self.workers):
+                    thread = threading.Thread(target=self._work, daemon=True,
+                                              name=self.name if k == 0 else f"{self.name}-{k}")
+                    thread.start()
+                    self._thread = self._thread or thread
             self._cond.notify()
         return job
 
@@ -272,7 +290,7 @@ class ModelQueue:
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
-                self.busy = True
+                self.busy += 1
             try:
                 now = time.perf_counter()
                 if job.future.cancelled():
@@ -289,7 +307,8 @@ class ModelQueue:
                 self.call_s = took if self.call_s is None else 0.8 * self.call_s + 0.2 * took
                 job.settle(result, error)
             finally:
-                self.busy = False
+                with self._cond:
+                    self.busy -= 1
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -564,6 +583,7 @@ def create_app(
     max_wait_s: float | None = DEFAULT_MAX_WAIT_S,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     retry_after_s: int = 1,
+    model_workers: int = 1,
 ) -> FastAPI:
     """The FastAPI app serving ``service``.
 
@@ -572,7 +592,8 @@ def create_app(
     ``max_queue`` bounds the model calls waiting behind the running one, ``max_wait_s`` (None:
     no bound) their expected wait (``503`` with ``Retry-After: retry_after_s`` past either).
     ``max_body_bytes`` bounds the request body (``413`` past it), ``body_timeout_s`` the time
-    to receive it after the head (``408``).
+    to receive it after the head (``408``). ``model_workers`` calls run at once (1 for a
+    model in this process; more for one on a model server, see :class:`ModelQueue`).
     """
     if timeout_s <= 0 or body_timeout_s <= 0:
         raise ValueError("timeout_s and body_timeout_s must be > 0")
@@ -583,7 +604,7 @@ def create_app(
     state = _AppState()
 
     # In a dict so a restarted app (lifespan run again, as in tests) gets a fresh worker.
-    holder = {"queue": ModelQueue(max_queue, max_wait_s)}
+    holder = {"queue": ModelQueue(max_queue, max_wait_s, workers=model_workers)}
     metrics.queue_limit.set(max_queue)
     metrics.queue_waiting.set_function(lambda: float(holder["queue"].waiting))
     metrics.model_busy.set_function(lambda: float(holder["queue"].busy))
@@ -602,25 +623,39 @@ def create_app(
         metrics.errors.labels("overloaded").inc()
         return refusal.response()
 
+    # A service whose model is remote (a model server) says whether it is reachable.
+    ready_check: Callable[[], str | None] | None = getattr(service, "ready_check", None)
+
     async def warm_up() -> None:
-        """One synthetic request through validation and the model: readiness, warm caches."""
-        try:
-            n = max(1, min(8, service.max_candidates or 8))
-            request = validator.validate_python(synthetic_payload(service.spec, n=n, m=1))
-            job = holder["queue"].submit(lambda: service.rerank(request), bounded=False)
-            assert job is not None
-            await job.future
-        except Exception as exc:  # reported by /readyz; the process stays up
-            logger.exception("warm-up request failed; /readyz will answer 503")
-            state.warmup_error = f"{type(exc).__name__}: {exc}"
-        else:
-            state.ready = True
-            logger.info("warm-up done; model %s ready", service.model_version)
+        """One synthetic request through validation and the model: readiness, warm caches.
+        A remote model that is unavailable is retried every second (it may come up later);
+        any other failure is final."""
+        while True:
+            try:
+                n = max(1, min(8, service.max_candidates or 8))
+                request = validator.validate_python(synthetic_payload(service.spec, n=n, m=1))
+                job = holder["queue"].submit(functools.partial(service.rerank, request),
+                                             bounded=False)
+                assert job is not None
+                await job.future
+            except (ModelUnavailable, ModelTimeout) as exc:
+                state.warmup_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("warm-up: %s; retrying in 1 s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except Exception as exc:  # reported by /readyz; the process stays up
+                logger.exception("warm-up request failed; /readyz will answer 503")
+                state.warmup_error = f"{type(exc).__name__}: {exc}"
+            else:
+                state.ready = True
+                state.warmup_error = None
+                logger.info("warm-up done; model %s ready", service.model_version)
+            return
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if stopped:  # the app was started and stopped before: its worker is gone
-            holder["queue"] = ModelQueue(max_queue, max_wait_s)
+            holder["queue"] = ModelQueue(max_queue, max_wait_s, workers=model_workers)
             stopped.clear()
         # A background task, so /healthz answers while the (possibly slow) first call runs.
         task = asyncio.create_task(warm_up())
@@ -749,6 +784,14 @@ def create_app(
             )
         if isinstance(job.future.exception(), QueueClosed):
             return _error(503, "unavailable", "the server is shutting down")
+        if isinstance(job.future.exception(), ModelTimeout):  # a remote model's own deadline
+            metrics.errors.labels("timeout").inc()
+            return _error(504, "timeout", str(job.future.exception()))
+        if isinstance(job.future.exception(), ModelUnavailable):  # a model server down
+            metrics.errors.labels("model_unavailable").inc()
+            response = _error(503, "model unavailable", str(job.future.exception()))
+            response.headers["Retry-After"] = str(retry_after_s)
+            return response
         try:
             payload = _response_body(job.future.result(), parsed.request_id)
         except InfeasibleConstraints as exc:  # the validator checks first; a service may too
@@ -778,6 +821,17 @@ def create_app(
     async def readyz() -> JSONResponse:
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if state.ready and ready_check is not None:
+            # A remote model is asked each time (in a thread: a slow server must not stall
+            # the event loop), so /readyz follows the model server going down and up.
+            try:
+                problem = await asyncio.wait_for(asyncio.to_thread(ready_check), 2.0)
+            except TimeoutError:
+                problem = "the model server did not answer the readiness check within 2 s"
+            except Exception as exc:  # a probe failure is "not ready", never a 500
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                return JSONResponse({"status": "not ready", "error": problem}, status_code=503)
         if state.ready:
             return JSONResponse({"status": "ready", "model_version": str(service.model_version)})
         if state.warmup_error is not None:

@@ -237,6 +237,11 @@ class Reranker:
         self.strategies: tuple[str, ...] = (backend.model_name,) + (
             ("pipeline",) if pipeline is not None else ())
         self._dim: int | None = None
+        # A remote model (a model server) says whether it can serve now, for /readyz; local
+        # backends have no such check (ready once loaded), so the app asks nothing of them.
+        check = getattr(backend, "ready_check", None)
+        if check is not None:
+            self.ready_check = check
 
     def cache_stats(self) -> dict[str, float]:
         return self.cache.stats()
@@ -329,18 +334,32 @@ def load_reranker(run_dir: str | Path | None = None, onnx_dir: str | Path | None
                   cache_bytes: int = DEFAULT_CACHE_BYTES,
                   max_candidates: int = DEFAULT_MAX_CANDIDATES,
                   max_item_id_length: int = DEFAULT_MAX_ITEM_ID_LENGTH,
-                  pipeline_config: str | Path | None = None) -> Reranker:
-    """A Reranker from a run folder (PyTorch) or an export folder (ONNX Runtime).
+                  pipeline_config: str | Path | None = None,
+                  model_server: str | None = None, model_name: str | None = None,
+                  timeout_s: float = 1.0) -> Reranker:
+    """A Reranker from a run folder (PyTorch), an export folder (ONNX Runtime) or a Triton
+    model server's URL (``model_server``, gRPC; ``model_name`` picks the per-request model when
+    the server has several; ``timeout_s`` bounds each call to it).
 
     The item cache holds at most ``cache_size`` items and ``cache_bytes`` bytes (0: no cache);
     requests with an item id longer than ``max_item_id_length`` characters are rejected (422).
     """
-    if (run_dir is None) == (onnx_dir is None):
-        raise ValueError("give exactly one of a run folder (--run) or an ONNX export (--onnx)")
-    if run_dir is not None:
+    if sum(x is not None for x in (run_dir, onnx_dir, model_server)) != 1:
+        raise ValueError("give exactly one of a run folder (--run), an ONNX export (--onnx) or "
+                         "a Triton model server (--model-server)")
+    if model_server is not None:
+        if int8:
+            raise ValueError("--int8 applies to an ONNX export (--onnx), not to --model-server")
+        # Imported here: the triton package imports this module (its backend extends
+        # OnnxBackend), and tritonclient is only needed by this backend.
+        from genrerank.serving.triton.backend import TritonBackend
+
+        backend: TorchBackend | OnnxBackend = TritonBackend(model_server, model_name,
+                                                            timeout_s=timeout_s)
+    elif run_dir is not None:
         if int8:
             raise ValueError("--int8 applies to an ONNX export (--onnx), not a run")
-        backend: TorchBackend | OnnxBackend = TorchBackend(run_dir, threads)
+        backend = TorchBackend(run_dir, threads)
     else:
         backend = OnnxBackend(onnx_dir, threads, int8=int8)  # type: ignore[arg-type]
     pipeline = None

@@ -82,3 +82,12 @@ class RerankService(Protocol):
         ``capacity_bytes`` (the cache's own byte count and bound), ``hit_rate`` (0 when unused);
         a service may leave out any of them."""
         ...
+
+
+class ModelUnavailable(RuntimeError):
+    """The model could not be reached (a remote model server down or refusing): the HTTP layer
+    answers 503 with ``Retry-After``, not 500, and the process keeps serving."""
+
+
+class ModelTimeout(TimeoutError):
+    """The model did not answer within its deadline (a slow remote model server): 504."""
