@@ -630,15 +630,22 @@ def _check_spec_file(data_dir: Path, spec: FeatureSpec, parquet: Path) -> None:
     path = data_dir / SPEC_FILE
     if not path.exists():
         return
-    on_disk = FeatureSpec.load(path).to_dict()
-    in_parquet = spec.to_dict()
-    for key in sorted(set(on_disk) | set(in_parquet)):
-        if on_disk.get(key) != in_parquet.get(key):
-            shown = (repr(on_disk.get(key))[:80], repr(in_parquet.get(key))[:80])
-            raise DataValidationError(
-                f"{path}: field {key!r} disagrees with {parquet.relative_to(data_dir)}'s "
-                f"metadata ({shown[0]} vs {shown[1]}); rewrite the data set or fix the file"
-            )
+    differs = _spec_difference(FeatureSpec.load(path), spec)
+    if differs is not None:
+        key, on_disk, in_parquet = differs
+        raise DataValidationError(
+            f"{path}: field {key!r} disagrees with {parquet.relative_to(data_dir)}'s "
+            f"metadata ({on_disk} vs {in_parquet}); rewrite the data set or fix the file"
+        )
+
+
+def _spec_difference(a: FeatureSpec, b: FeatureSpec) -> tuple[str, str, str] | None:
+    """The first field (by name) where two specs differ, with both values shown briefly."""
+    da, db = a.to_dict(), b.to_dict()
+    for key in sorted(set(da) | set(db)):
+        if da.get(key) != db.get(key):
+            return key, repr(da.get(key))[:80], repr(db.get(key))[:80]
+    return None
 
 
 def dataset_files(data_dir: str | Path) -> list[Path]:
@@ -710,19 +717,17 @@ def read_dataset_spec(data_dir: str | Path) -> tuple[list[Path], FeatureSpec, bo
     spec, from_json = _file_spec(files[0], data_dir)
     if not from_json:
         _check_spec_file(data_dir, spec, files[0])
-    first = spec.to_dict()
     for path in files[1:]:
         other, other_json = _file_spec(path, data_dir)
         from_json = from_json or other_json
-        theirs = other.to_dict()
-        for key in sorted(set(first) | set(theirs)):
-            if first.get(key) != theirs.get(key):
-                shown = (repr(theirs.get(key))[:80], repr(first.get(key))[:80])
-                raise DataValidationError(
-                    f"{path}: field {key!r} of its feature spec differs from that of "
-                    f"{files[0].relative_to(data_dir)} ({shown[0]} vs {shown[1]}); every shard "
-                    "of a data set must carry the same spec"
-                )
+        differs = _spec_difference(other, spec)
+        if differs is not None:
+            key, theirs, first = differs
+            raise DataValidationError(
+                f"{path}: field {key!r} of its feature spec differs from that of "
+                f"{files[0].relative_to(data_dir)} ({theirs} vs {first}); every shard "
+                "of a data set must carry the same spec"
+            )
     return files, spec, from_json
 
 
