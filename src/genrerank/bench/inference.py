@@ -103,9 +103,9 @@ def _calls(name: str, run_dir: Path, onnx_dir: Path, batch: Any, m: int, k: int,
            threads: int, seed: int) -> dict[str, Callable[[], Any]]:
     """Zero-argument timed calls: torch / onnx / onnx_int8 (model only and + decode)."""
     from genrerank.decoding import decode, random_lists
+    from genrerank.serving.backends import TorchBackend
     from genrerank.serving.export import make_batch
     from genrerank.serving.onnx_model import OnnxModel
-    from genrerank.serving.runtime import TorchBackend
 
     backend = TorchBackend(run_dir, threads)
     model = backend.model
@@ -243,9 +243,9 @@ def _int8_quality(work: Path, settings: InferenceSettings, progress: bool) -> di
     from genrerank.data.simulator import Simulator, request_index, simulate_to_dir
     from genrerank.decoding import decode
     from genrerank.experiment import train_run
+    from genrerank.serving.backends import decoder_config
     from genrerank.serving.export import export_run
     from genrerank.serving.onnx_model import OnnxModel
-    from genrerank.serving.runtime import decoder_config
 
     data = work / "int8_data"
     simulate_to_dir("kuaishou", settings.int8_requests, settings.seed, data, overwrite=True,

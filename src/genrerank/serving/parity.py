@@ -17,9 +17,9 @@ import torch
 
 from genrerank.decoding import decode, random_lists
 from genrerank.models.base import RerankModel
+from genrerank.serving.backends import best_lists, decoder_config
 from genrerank.serving.export import PARITY_TOLERANCE, make_batch, synthetic_requests
 from genrerank.serving.onnx_model import OnnxModel
-from genrerank.serving.runtime import best_lists, decoder_config
 
 #: Candidates per request of the parity set (one padded batch).
 PARITY_SIZES = [60, 45, 20, 9, 4]

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from genrerank.data.schema import FeatureSpec
+from genrerank.serving.backends import OnnxBackend, decoder_config
 from genrerank.serving.onnx_model import OnnxModel
-from genrerank.serving.runtime import OnnxBackend, decoder_config
 from genrerank.serving.triton.repository import (
     GRAPH_PARAMETER,
     MANIFEST_PARAMETER,
