@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -139,11 +138,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if context().distributed:
         dist.barrier()
-
-
-def payload_bytes(obj: Any) -> int:
-    """The pickled size of ``obj`` (what :func:`all_gather_objects` sends)."""
-    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def rank_stream(
