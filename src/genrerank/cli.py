@@ -358,6 +358,10 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
               help="Reward: reward.weights.diversity=0.1, reward.terms.engagement.scroll=dcg.")
 @click.option("--max-requests", type=click.IntRange(1), default=None,
               help="Pair only the first N requests of each split.")
+@click.option("--teacher", "teachers", type=click.Path(path_type=Path), multiple=True,
+              help="Also propose this run's own decoded list (repeatable), e.g. a structured "
+                   "model's beam search: pairs can then reach lists the generator never "
+                   "proposes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_validation_option
@@ -365,7 +369,8 @@ def train(model_name: str, data_dir: Path, out_dir: Path, config_path: Path | No
 def nearline(generator_run: Path, evaluator_run: Path, data_dir: Path, out_file: Path,
              splits: str, samples: int, beams: int, mmr: int, temperature: float, delta: float,
              max_pairs: int, min_diff: int, overrides: tuple[str, ...],
-             max_requests: int | None, seed: int, overwrite: bool) -> None:
+             max_requests: int | None, teachers: tuple[Path, ...], seed: int,
+             overwrite: bool) -> None:
     """Near-line job: K lists per request, scored by the evaluator's list reward, written as
     preference pairs (Parquet) for `genrerank finetune --method dpo`."""
     import copy
@@ -386,11 +391,14 @@ def nearline(generator_run: Path, evaluator_run: Path, data_dir: Path, out_file:
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), samples=samples,
         beams=beams, mmr=mmr, temperature=temperature,
         rule=PairRule(delta=delta, max_pairs=max_pairs, min_diff=min_diff), seed=seed,
-        max_requests=max_requests, overwrite=overwrite)
+        max_requests=max_requests, teachers=teachers, overwrite=overwrite)
     click.echo(f"{summary['requests']} requests, {summary['lists_per_request']:.1f} distinct "
                f"lists each, {summary['pairs']} pairs ({summary['requests_with_pairs']:.0%} of "
                f"requests have one; mean reward gap {summary['mean_reward_gap']:.3f}) in "
                f"{summary['seconds']:.0f} s -> {summary['out']}")
+    shares = ", ".join(f"{g} {v:.0%}" for g, v in summary["winner_share"].items() if v)
+    if shares:
+        click.echo(f"winners by proposer: {shares}")
 
 
 @main.command()
@@ -752,17 +760,30 @@ def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | No
 @click.option("--merge", is_flag=True,
               help="Keep the other seeds and data sets already in the result file (to run "
                    "invocations side by side).")
+@click.option("--policies", default=None,
+              help="Comma-separated rows to run (default all; the reference always): "
+                   "dpo, ppo, ge_k16, ppo_feedback, teacher, ge_k16_teacher, dpo_teacher, "
+                   "ppo_teacher.")
+@click.option("--out-stem", default="",
+              help="Result file name (default preference / preference_quick).")
 @_user_errors
 def bench_preference(quick: bool, out_dir: Path, seeds: str, datasets: str | None,
-                     merge: bool) -> None:
-    """Reference vs DPO vs PPO vs G-E under the oracle; Pareto sweep of reward weights."""
+                     merge: bool, policies: str | None, out_stem: str) -> None:
+    """Reference vs DPO vs PPO vs G-E under the oracle, with the list evaluator or the
+    structured model (teacher) as the reward model; Pareto sweep of reward weights."""
+    import dataclasses
     import sys
 
-    from genrerank.bench.preference import run_preference_benchmark
+    from genrerank.bench.preference import PreferenceSettings, run_preference_benchmark
 
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     names = [d.strip() for d in datasets.split(",")] if datasets else None
-    run_preference_benchmark(quick, out_dir, seed_list, names, merge,
+    settings = PreferenceSettings.quick() if quick else PreferenceSettings()
+    if policies:
+        settings = dataclasses.replace(
+            settings, policies=tuple(p.strip() for p in policies.split(",") if p.strip()))
+    settings = dataclasses.replace(settings, out_stem=out_stem)
+    run_preference_benchmark(quick, out_dir, seed_list, names, merge, settings=settings,
                              command="genrerank " + " ".join(sys.argv[1:]))
 
 

@@ -242,6 +242,46 @@ class AutoregressiveGenerator(ModelGenerator):
     model_name = "autoregressive"
 
 
+@register_generator("decoded")
+class DecodedListGenerator(ModelGenerator):
+    """One list per request: a trained run's own decoded list, with the decoder and options its
+    run config names (``from_run``), e.g. the structured model's beam search under its own gain.
+    Unlike ``decoder="beam"`` no ``k`` or width is imposed, so models that decode one list
+    (the structured model) can propose."""
+
+    def __init__(self, model: RerankModel, decoder: str = "greedy", count: int = 1,
+                 **params: Any) -> None:
+        super().__init__(model, decoder, 1, **params)
+
+    @classmethod
+    def from_run(cls, run: str | Path, **kwargs: Any) -> ModelGenerator:
+        from genrerank.experiment import run_decoding
+        from genrerank.training import load_model
+        from genrerank.training.runs import check_run
+
+        decode = run_decoding(run)
+        decode.update(kwargs.pop("params", {}) or {})
+        model, _ = load_model(check_run(run), "best")
+        return cls(model, decode.pop("name"), **decode)
+
+    def propose(self, batch: Batch, lengths: torch.Tensor, width: int,
+                count: int) -> torch.Tensor:
+        with torch.inference_mode():
+            found = self.model.generate(batch, lengths, self.decoder, **self.params)
+        if isinstance(found, DecodedLists):
+            lists = found.lists.masked_fill(~found.valid.unsqueeze(-1), -1)[:, :1]
+        else:
+            lists = found.unsqueeze(1)
+        lists = lists[:, :, :width].clone()
+        if lists.shape[2] < width:
+            lists = torch.nn.functional.pad(lists, (0, width - lists.shape[2]), value=-1)
+        return mask_beyond_length(lists, lengths)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name} ({self.decoder}, own list)"
+
+
 @register_generator("model")
 class AnyModelGenerator(ModelGenerator):
     """Any trained generator run (pointwise, prm, ...)."""

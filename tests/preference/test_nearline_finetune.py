@@ -216,3 +216,33 @@ def test_ppo_on_simulated_feedback_is_labelled_an_online_stand_in(
     with pytest.raises(ValueError, match="simulated_feedback' is for ppo"):
         finetune_run(runs["autoregressive"], runs["data"], runs["root"] / "x", "dpo",
                      pairs=runs["pairs"], reward_source="simulated_feedback")
+
+
+def test_a_teacher_runs_own_list_is_proposed_for_every_request(runs: dict[str, Path]) -> None:
+    """``--teacher``: the structured model's beam list is among every request's lists, first,
+    labelled as the teacher's, and it is also the reward model; the summary says which proposer
+    won each request."""
+    from genrerank.evaluation.offline import predict
+
+    root = runs["root"]
+    teacher = root / "structured"
+    train_run("structured", runs["data"], teacher, overrides=TINY)
+    pairs = root / "teacher_pairs.parquet"
+    summary = run_nearline(runs["autoregressive"], teacher, runs["data"], pairs,
+                           rule=PairRule(delta=DELTA), seed=3, max_requests=25,
+                           splits=("train",), teachers=(teacher,), show_progress=False,
+                           **PROPOSALS)
+    table, meta = read_pairs(pairs)
+    assert meta["proposals"]["teachers"] == [str(teacher)]
+    label = "structured (beam, own list)"
+    assert meta["proposals"]["generators"][0] == label
+    train = RerankDataset(runs["data"], split="train")
+    model, _ = load_model(teacher, "best")
+    own = predict(model, train, "beam", {}, rows=range(25)).lists
+    for i, row in enumerate(table.to_pylist()):
+        assert row["generators"][0] == label
+        m = len(row["lists"][0])
+        assert row["lists"][0] == own[i, :m].tolist() and (own[i, m:] < 0).all()
+    # Under its own reward the teacher's beam list is at least as good as any sampled list.
+    assert abs(sum(summary["winner_share"].values()) - 1) < 1e-9
+    assert summary["winner_share"][label] > 0.5

@@ -23,6 +23,16 @@ reward, and by DPO tuned on the same near-line lists re-paired under that reward
 diversity is the category entropy (bits) of the shown lists; fairness the position-weighted
 exposure share of cold-start and long-tail creators.
 
+With a teacher (the policies ``teacher``, ``ge_k16_teacher``, ``dpo_teacher``, ``ppo_teacher``)
+the structured list model (:mod:`genrerank.models.structured`, packaged config, the same budget)
+is trained too and serves as the reward model instead of the list evaluator: ``teacher`` is its
+own beam list served alone, ``ge_k16_teacher`` its pick among 16 reference samples,
+``dpo_teacher`` DPO on near-line pairs whose proposals include its beam list (``nearline
+--teacher``, so the winners can be lists the reference never proposes: distillation through
+preferences), ``ppo_teacher`` PPO with its reward. Fine-tuning configs are the same as for the
+evaluator rows, so the rows differ by the reward model (and the teacher's proposals) only.
+``--policies`` picks the rows (the reference is always there).
+
 The oracle scores test lists only; nothing is selected on test.
 """
 
@@ -62,10 +72,21 @@ from genrerank.utils.io import atomic_write_json, atomic_write_text
 from genrerank.utils.tables import markdown_table
 
 SIM_DATA_SEED = 7_000  # the quality benchmark's: the same data sets
-POLICIES = ("reference", "dpo", "ppo", "ge_k16", "ppo_feedback")
+POLICIES = ("reference", "dpo", "ppo", "ge_k16", "ppo_feedback", "teacher", "ge_k16_teacher",
+            "dpo_teacher", "ppo_teacher")
 POLICY_LABELS = {"reference": "reference (autoregressive)", "dpo": "DPO (evaluator reward)",
                  "ppo": "PPO (evaluator reward)", "ge_k16": "G-E, K = 16 reference samples",
-                 "ppo_feedback": "PPO, simulated feedback (online stand-in)"}
+                 "ppo_feedback": "PPO, simulated feedback (online stand-in)",
+                 "teacher": "structured model alone (teacher, beam)",
+                 "ge_k16_teacher": "G-E, K = 16 reference samples, structured reward",
+                 "dpo_teacher": "DPO (structured reward, its beam lists proposed)",
+                 "ppo_teacher": "PPO (structured reward)"}
+TEACHER_POLICIES = ("teacher", "ge_k16_teacher", "dpo_teacher", "ppo_teacher")
+#: Besides the reference, each tuned policy is compared with the G-E of its own reward model
+#: (and the teacher-tuned ones with the teacher: how much of it was distilled).
+COMPARISONS = {"dpo": ("ge_k16",), "ppo": ("ge_k16",), "ppo_feedback": ("ge_k16",),
+               "dpo_teacher": ("ge_k16_teacher", "teacher"),
+               "ppo_teacher": ("ge_k16_teacher", "teacher")}
 
 
 @dataclass
@@ -92,6 +113,8 @@ class PreferenceSettings:
     pareto_dpo_overrides: tuple[str, ...] = ()  # the same DPO budget as the main run
     mmr_diversity: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
     num_threads: int = 1
+    policies: tuple[str, ...] = POLICIES
+    out_stem: str = ""  # default preference / preference_quick
 
     @classmethod
     def quick(cls) -> PreferenceSettings:
@@ -102,8 +125,8 @@ class PreferenceSettings:
                    pareto_dpo_overrides=("train.epochs=1",))
 
 
-def output_paths(out_dir: str | Path, quick: bool) -> dict[str, Path]:
-    stem = "preference_quick" if quick else "preference"
+def output_paths(out_dir: str | Path, quick: bool, stem: str = "") -> dict[str, Path]:
+    stem = stem or ("preference_quick" if quick else "preference")
     out_dir = Path(out_dir)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md")}
     paths["pareto"] = out_dir / f"{stem}_pareto.png"
@@ -213,31 +236,65 @@ class _Seed:
 
     def run(self, pareto: bool) -> dict[str, Any]:
         s, work, data = self.s, self.work, self.data
+        want = set(s.policies) | {"reference"}
+        # The sweep re-pairs the evaluator's near-line file and plots these rows beside it.
+        pareto = pareto and {"dpo", "ppo", "ge_k16"} <= want
         timings: dict[str, float] = {}
-        ref_run, ev_run = work / "reference", work / "evaluator"
+        ref_run, ev_run, teacher_run = work / "reference", work / "evaluator", work / "teacher"
         _, timings["train_reference"] = self.timed("reference", lambda: train_run(
             "autoregressive", data, ref_run, overrides=self.budget("autoregressive"),
             overwrite=True))
+        # The evaluator is always trained: its predicted reward is a column of every row.
         _, timings["train_evaluator"] = self.timed("evaluator", lambda: train_run(
             "evaluator", data, ev_run, overrides=self.budget("evaluator"), overwrite=True))
+        with_teacher = bool(want & set(TEACHER_POLICIES))
+        if with_teacher:
+            _, timings["train_teacher"] = self.timed("teacher (structured)", lambda: train_run(
+                "structured", data, teacher_run, overrides=self.budget("structured"),
+                overwrite=True))
+        nearline: dict[str, Any] = {}
+        checks: dict[str, Any] = {}
         pairs = work / "pairs.parquet"
-        nearline, timings["nearline"] = self.timed("nearline", lambda: run_nearline(
-            ref_run, ev_run, data, pairs, seed=self.seed, overwrite=True,
-            show_progress=False, rule=PairRule(delta=self.delta)))
+        teacher_pairs = work / "pairs_teacher.parquet"
+        if "dpo" in want:
+            nearline["evaluator"], timings["nearline"] = self.timed(
+                "nearline", lambda: run_nearline(
+                    ref_run, ev_run, data, pairs, seed=self.seed, overwrite=True,
+                    show_progress=False, rule=PairRule(delta=self.delta)))
+            checks["evaluator"] = self.pairs_check(pairs)
+        if "dpo_teacher" in want:
+            nearline["teacher"], timings["nearline_teacher"] = self.timed(
+                "nearline (structured reward, its beam lists proposed)", lambda: run_nearline(
+                    ref_run, teacher_run, data, teacher_pairs, seed=self.seed, overwrite=True,
+                    show_progress=False, rule=PairRule(delta=self.delta),
+                    teachers=(teacher_run,)))
+            checks["teacher"] = self.pairs_check(teacher_pairs)
         runs = {"reference": ref_run}
-        for method in ("dpo", "ppo"):
-            runs[method] = work / method
-            _, timings[method] = self.timed(method, lambda m=method: finetune_run(
-                ref_run, data, runs[m], m, pairs=pairs if m == "dpo" else None,
-                evaluator=ev_run, overrides=self.finetune_overrides(m), overwrite=True))
-        runs["ppo_feedback"] = work / "ppo_feedback"
-        _, timings["ppo_feedback"] = self.timed("ppo (simulated feedback)", lambda: finetune_run(
-            ref_run, data, runs["ppo_feedback"], "ppo", reward_source="simulated_feedback",
-            overrides=self.finetune_overrides("ppo"), overwrite=True))
+        if with_teacher:
+            runs["teacher"] = teacher_run
+        jobs = {  # policy: (method, pairs, reward model, reward source)
+            "dpo": ("dpo", pairs, ev_run, "evaluator"),
+            "ppo": ("ppo", None, ev_run, "evaluator"),
+            "ppo_feedback": ("ppo", None, None, "simulated_feedback"),
+            "dpo_teacher": ("dpo", teacher_pairs, teacher_run, "evaluator"),
+            "ppo_teacher": ("ppo", None, teacher_run, "evaluator"),
+        }
+        for name, (method, pair_file, reward_run, reward_source) in jobs.items():
+            if name not in want:
+                continue
+            runs[name] = work / name
+            _, timings[name] = self.timed(POLICY_LABELS[name], lambda n=name, m=method,
+                                          p=pair_file, r=reward_run, src=reward_source:
+                                          finetune_run(ref_run, data, runs[n], m, pairs=p,
+                                                       evaluator=r, reward_source=src,
+                                                       overrides=self.finetune_overrides(m),
+                                                       overwrite=True))
 
         reference = load_model(ref_run, "best")[0]
         evaluator = load_model(ev_run, "best")[0]
         source = EvaluatorSignals(evaluator)
+        teacher_source = EvaluatorSignals(load_model(teacher_run, "best")[0]) \
+            if with_teacher else None
         spec = self.test.spec
         engagement = ListReward({"engagement": 1.0}, spec=spec)
         report = ListReward({"engagement": 1.0, "diversity": 1.0, "fairness": 1.0}, spec=spec)
@@ -247,32 +304,45 @@ class _Seed:
         upper_gain = float(upper.mean())
 
         lists = {name: self.decoded(run) for name, run in runs.items()}
-        lists["ge_k16"] = self.ge_lists(reference, [engagement], source)[0]
+        if "ge_k16" in want:
+            lists["ge_k16"] = self.ge_lists(reference, [engagement], source)[0]
+        if "ge_k16_teacher" in want:
+            lists["ge_k16_teacher"] = self.ge_lists(reference, [engagement], teacher_source)[0]
         policies: dict[str, Any] = {}
         gains: dict[str, np.ndarray] = {}
-        for name, x in lists.items():
+        for name in [p for p in POLICIES if p in lists]:
+            x = lists[name]
             online = self.online(x, logging_gain, upper_gain)
             gains[name] = online.pop("gains")
-            policy = None if name in ("ge_k16", "reference") else load_model(runs[name])[0]
+            tuned = name in jobs
+            policy = load_model(runs[name])[0] if tuned else None
             policies[name] = {**online, **self.reward_and_kl(
                 x, report, source, policy, reference)}
+            if teacher_source is not None:
+                policies[name]["teacher_engagement"] = self._term(x, engagement, teacher_source)
             if name == "reference":
                 policies[name]["kl_to_reference"] = 0.0
-        for name in ("dpo", "ppo", "ge_k16", "ppo_feedback"):
-            policies[name]["vs_reference"] = _paired(gains[name], gains["reference"])
-        for name in ("dpo", "ppo", "ppo_feedback"):
-            policies[name]["vs_ge_k16"] = _paired(gains[name], gains["ge_k16"])
+        for name in policies:
+            if name != "reference":
+                policies[name]["vs_reference"] = _paired(gains[name], gains["reference"])
+            for other in COMPARISONS.get(name, ()):
+                if other in gains:
+                    policies[name][f"vs_{other}"] = _paired(gains[name], gains[other])
         record: dict[str, Any] = {
             "seed": self.seed,
             "test_requests": len(self.test),
             "logging_expected_gain": logging_gain,
             "upper_bound_expected_gain": upper_gain,
-            "nearline": nearline,
-            "nearline_oracle_check": self.pairs_check(pairs),
             "policies": policies,
-            "valid": {m: _best_valid(runs[m]) for m in ("dpo", "ppo", "ppo_feedback")},
+            "valid": {m: _best_valid(runs[m]) for m in jobs if m in runs},
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
         }
+        if "evaluator" in nearline:  # the keys the committed records have
+            record["nearline"] = nearline["evaluator"]
+            record["nearline_oracle_check"] = checks["evaluator"]
+        if "teacher" in nearline:
+            record["nearline_teacher"] = nearline["teacher"]
+            record["nearline_teacher_oracle_check"] = checks["teacher"]
         if pareto:
             record["pareto"] = self.pareto(reference, source, pairs, ref_run, ev_run,
                                            logging_gain, upper_gain, policies)
@@ -392,18 +462,19 @@ def _best_valid(run: Path) -> dict[str, Any]:
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of each policy's numbers, and of the paired differences."""
+    """Mean and std over seeds of each policy's numbers, and of the paired differences (the
+    policies every record has)."""
     out: dict[str, Any] = {}
-    for name in POLICIES:
+    for name in [p for p in POLICIES if all(p in r["policies"] for r in records)]:
         rows = [r["policies"][name] for r in records]
         metrics: dict[str, Any] = {}
         for key in ("expected_gain", "headroom_captured", "evaluator_engagement",
-                    "evaluator_diversity", "evaluator_fairness", "category_entropy",
-                    "kl_to_reference"):
+                    "teacher_engagement", "evaluator_diversity", "evaluator_fairness",
+                    "category_entropy", "kl_to_reference"):
             vals = [r.get(key) for r in rows if r.get(key) is not None]
             metrics[key] = mean_std(vals)
-        for pair in ("vs_reference", "vs_ge_k16"):
-            if pair in rows[0]:
+        for pair in [k for k in rows[0] if k.startswith("vs_")]:
+            if all(pair in r for r in rows):
                 metrics[pair] = {
                     "diff": mean_std([r[pair]["diff"] for r in rows]),
                     "z": [r[pair]["z"] for r in rows],
@@ -424,43 +495,67 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines = ["# Preference and RL fine-tuning benchmark", "",
              f"Generated {result['finished']} by `{result['command']}` "
              f"({result['wall_seconds'] / 60:.0f} min). Mean ± std over seeds; test split, "
-             "oracle = the simulator's exact expected gain; evaluator = the learned reward "
-             "model's prediction (engagement, the reward every tuned policy optimised).", ""]
+             "oracle = the simulator's exact expected gain; evaluator / structured reward = the "
+             "learned reward model's predicted engagement (the list evaluator's, or the "
+             "structured list model's where it was trained), the reward the tuned policies "
+             "optimised.", ""]
     for preset, entry in result["datasets"].items():
         summary = entry["summary"]
         lines += [f"## {preset} ({entry['requests']} requests, seeds {entry['seeds']})", ""]
+        with_teacher = "teacher" in summary
         rows = []
-        for name in POLICIES:
+        for name in [p for p in POLICIES if p in summary]:
             m = summary[name]
-            rows.append({
+            ge = m.get("vs_ge_k16") or m.get("vs_ge_k16_teacher")
+            row = {
                 "policy": POLICY_LABELS[name],
                 "oracle gain": _fmt(m["expected_gain"]),
                 "headroom": _fmt(m["headroom_captured"]),
                 "evaluator reward": _fmt(m["evaluator_engagement"]),
+            }
+            if with_teacher:
+                row["structured reward"] = _fmt(m["teacher_engagement"])
+            row |= {
                 "KL to ref": _fmt(m["kl_to_reference"], 2),
                 "diversity": _fmt(m["evaluator_diversity"]),
                 "fairness": _fmt(m["evaluator_fairness"]),
                 "vs reference": _diff(m.get("vs_reference")),
-                "vs G-E": _diff(m.get("vs_ge_k16")),
-            })
+                "vs G-E (same reward)": _diff(ge),
+            }
+            if with_teacher:
+                row["vs teacher"] = _diff(m.get("vs_teacher"))
+            rows.append(row)
         lines += [markdown_table(rows), "",
-                  "`vs reference` / `vs G-E`: paired difference in oracle gain per request, mean "
-                  "over seeds, and for each seed whether it exceeds two paired standard errors.",
+                  "`vs ...`: paired difference in oracle gain per request, mean over seeds, and "
+                  "for each seed whether it exceeds two paired standard errors. `vs G-E (same "
+                  "reward)`: against the G-E row of the reward model the policy was tuned on.",
                   ""]
-        nearline = [r["nearline"] for r in entry["records"]]
-        lines += [f"Near-line: {np.mean([n['lists_per_request'] for n in nearline]):.1f} "
-                  f"distinct lists per request, {np.mean([n['pairs'] for n in nearline]):.0f} "
-                  f"pairs, {np.mean([n['requests_with_pairs'] for n in nearline]):.0%} of "
-                  f"requests paired, mean reward gap "
-                  f"{np.mean([n['mean_reward_gap'] for n in nearline]):.3f}.", ""]
-        checks = [r["nearline_oracle_check"] for r in entry["records"]]
-        mean = {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
-        lines += ["How right is the reward model? On the validation requests' near-line lists "
-                  f"(oracle, evaluation only): the oracle agrees with "
-                  f"{mean['pairs_oracle_agreement']:.1%} of the pairs; oracle gain of the "
-                  f"evaluator's best list {mean['evaluator_pick_gain']:.4f}, of the reference's "
-                  f"own list {mean['reference_gain']:.4f}, of the best of the same lists "
-                  f"{mean['oracle_pick_gain']:.4f}.", ""]
+        for key, what in (("", "the list evaluator's"), ("_teacher", "the structured model's")):
+            records = [r for r in entry["records"] if f"nearline{key}" in r]
+            if not records:
+                continue
+            nearline = [r[f"nearline{key}"] for r in records]
+            lines += [f"Near-line with {what} reward: "
+                      f"{np.mean([n['lists_per_request'] for n in nearline]):.1f} distinct lists "
+                      f"per request, {np.mean([n['pairs'] for n in nearline]):.0f} pairs, "
+                      f"{np.mean([n['requests_with_pairs'] for n in nearline]):.0%} of requests "
+                      f"paired, mean reward gap "
+                      f"{np.mean([n['mean_reward_gap'] for n in nearline]):.3f}."]
+            shares = [n.get("winner_share") for n in nearline if n.get("winner_share")]
+            if shares:
+                labels = sorted({g for sh in shares for g in sh})
+                top = sorted(((float(np.mean([sh.get(g, 0.0) for sh in shares])), g)
+                              for g in labels), reverse=True)[:3]
+                lines[-1] += " Winners by proposer: " + ", ".join(
+                    f"{g} {v:.0%}" for v, g in top) + "."
+            checks = [r[f"nearline{key}_oracle_check"] for r in records]
+            mean = {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
+            lines += ["", f"How right is {what} reward? On the validation requests' near-line "
+                      f"lists (oracle, evaluation only): the oracle agrees with "
+                      f"{mean['pairs_oracle_agreement']:.1%} of the pairs; oracle gain of the "
+                      f"reward model's best list {mean['evaluator_pick_gain']:.4f}, of the "
+                      f"reference's own list {mean['reference_gain']:.4f}, of the best of the "
+                      f"same lists {mean['oracle_pick_gain']:.4f}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -524,11 +619,14 @@ def run_preference_benchmark(quick: bool, out_dir: Path = Path("benchmarks/resul
     from genrerank.data.simulator import simulate_to_dir
 
     settings = settings or (PreferenceSettings.quick() if quick else PreferenceSettings())
+    unknown_policies = [p for p in settings.policies if p not in POLICIES]
+    if unknown_policies:
+        raise ValueError(f"unknown policies {unknown_policies}; known: {list(POLICIES)}")
     presets = list(datasets or settings.simulated)
     unknown = [p for p in presets if p not in settings.simulated]
     if unknown:
         raise ValueError(f"unknown data set(s) {unknown}; known: {sorted(settings.simulated)}")
-    paths = output_paths(out_dir, quick)
+    paths = output_paths(out_dir, quick, settings.out_stem)
     torch.set_num_threads(settings.num_threads)
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="genrerank-preference-"))

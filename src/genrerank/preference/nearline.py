@@ -6,6 +6,10 @@ of the chosen splits (train and valid by default; test is never paired) it propo
 - ``samples`` distinct lists sampled from the generator (temperature ``temperature``),
 - ``beams`` beam-search lists (stepwise models) or the generator's own decoded list,
 - the upstream order and ``mmr`` MMR lists (diversity weights spread over (0, 1)),
+- optionally each ``--teacher`` run's own decoded list (first, so a list a teacher and the
+  generator both propose is labelled the teacher's): a stronger model's lists, typically the
+  structured model's beam search, so that the pairs can reach lists the generator does not
+  propose itself (DPO then distils the teacher into the generator),
 
 scores each with the reward (:mod:`genrerank.rewards`) computed from the EVALUATOR's predictions
 (the oracle is refused), keeps every term unweighted so the file can be re-weighted later, and
@@ -28,7 +32,13 @@ from torch.utils.data import DataLoader
 import genrerank
 from genrerank.data.dataset import RerankDataset, collate
 from genrerank.data.pairs import PairRule, pairs_table, select_pairs, write_pairs
-from genrerank.pipeline import MMRGenerator, ModelGenerator, Pipeline, UpstreamOrder
+from genrerank.pipeline import (
+    DecodedListGenerator,
+    MMRGenerator,
+    ModelGenerator,
+    Pipeline,
+    UpstreamOrder,
+)
 from genrerank.rewards import (
     DEFAULT_REWARD,
     EvaluatorSignals,
@@ -59,9 +69,10 @@ def load_generator_and_evaluator(generator_run: str | Path, evaluator_run: str |
 
 
 def proposal_pipeline(generator: torch.nn.Module, samples: int, beams: int, mmr: int,
-                      temperature: float, seed: int) -> Pipeline:
+                      temperature: float, seed: int,
+                      teachers: Sequence[DecodedListGenerator] = ()) -> Pipeline:
     """The K-list proposal mix of the module docstring."""
-    gens: list[Any] = []
+    gens: list[Any] = list(teachers)
     if samples:
         gens.append(ModelGenerator(generator, "sample", count=samples, temperature=temperature,
                                    seed=seed))
@@ -92,6 +103,7 @@ def run_nearline(
     seed: int = 0,
     batch_size: int = 128,
     max_requests: int | None = None,
+    teachers: Sequence[str | Path] = (),
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -111,13 +123,18 @@ def run_nearline(
     spec = next(iter(datasets.values())).spec
     _check_compatible(generator.spec, spec)
     _check_compatible(evaluator.spec, spec)
+    teacher_gens = [DecodedListGenerator.from_run(t) for t in teachers]
+    for run, teacher in zip(teachers, teacher_gens, strict=True):
+        _check_compatible(teacher.model.spec, spec)
+        if teacher.model.kind != "generator":
+            raise ValueError(f"nearline --teacher {run}: not a generator run (it writes no lists)")
     reward = ListReward.from_config(reward_config or DEFAULT_REWARD, spec)
     source = EvaluatorSignals(evaluator)
     require_training_source(source, "nearline")
     stored = sorted(set(STORED_TERMS) | set(reward.weights))
     report = ListReward({t: 1.0 for t in stored},
                         {t: reward.terms[t].config() for t in reward.weights}, spec)
-    pipe = proposal_pipeline(generator, samples, beams, mmr, temperature, seed)
+    pipe = proposal_pipeline(generator, samples, beams, mmr, temperature, seed, teacher_gens)
     labels = [_label(g) for g in pipe.generators]
 
     rows: list[dict[str, Any]] = []
@@ -161,15 +178,18 @@ def run_nearline(
         "splits": list(splits),
         "rule": {"delta": rule.delta, "max_pairs": rule.max_pairs, "min_diff": rule.min_diff},
         "proposals": {"samples": samples, "beams": beams, "mmr": mmr,
-                      "temperature": temperature, "generators": labels},
+                      "temperature": temperature, "generators": labels,
+                      "teachers": [str(t) for t in teachers]},
         "seed": seed,
         "genrerank_version": genrerank.__version__,
     }
     write_pairs(table, meta, out_file, overwrite=overwrite)
-    return summarize(rows, time.perf_counter() - started, out_file)
+    return summarize(rows, time.perf_counter() - started, out_file, labels)
 
 
 def _label(gen: Any) -> str:
+    if isinstance(gen, DecodedListGenerator):
+        return gen.label
     if isinstance(gen, ModelGenerator):
         return f"{gen.model.name} ({gen.decoder})"
     return "upstream" if isinstance(gen, UpstreamOrder) else gen.label
@@ -180,11 +200,14 @@ def _position(dataset: RerankDataset, batch: Any, b: int) -> int:
     return int(np.searchsorted(dataset.rows, int(batch.request_index[b])))
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], seconds: float, out_file: Path
-              ) -> dict[str, Any]:
+def summarize(rows: Sequence[Mapping[str, Any]], seconds: float, out_file: Path,
+              labels: Sequence[str] = ()) -> dict[str, Any]:
     pairs = [len(r["pairs"]) for r in rows]
     gaps = [r["reward"][w] - r["reward"][lo] for r in rows for w, lo in r["pairs"]]
+    # Which proposer wrote the winners: tells whether the pairs teach anything new.
+    winners = [r["generators"][r["pairs"][0][0]] for r in rows if len(r["pairs"])]
     return {
+        "winner_share": {g: winners.count(g) / len(winners) for g in labels if winners},
         "out": str(out_file),
         "requests": len(rows),
         "lists_per_request": float(np.mean([len(r["lists"]) for r in rows])) if rows else 0.0,
