@@ -20,6 +20,7 @@ from genrerank.evaluation.generator_evaluator import (
 from genrerank.models import build_model
 from genrerank.pipeline import (
     AutoregressiveGenerator,
+    DecodedListGenerator,
     MMRGenerator,
     NAR4RecGenerator,
     PerturbGenerator,
@@ -77,6 +78,26 @@ def test_every_generator_proposes_valid_lists(data: Path, models: dict) -> None:
     scores = batch.upstream_score.masked_fill(~batch.candidate_mask, -1e9)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     assert torch.equal(first, order[:, :6])
+
+
+def test_a_decoded_generator_proposes_the_models_own_list(data: Path) -> None:
+    """``decoded``: one list, exactly what the model's own decoder writes (here the structured
+    model's beam search, which takes no ``k``), cut to each request's length."""
+    spec = RerankDataset(data).spec
+    torch.manual_seed(0)
+    structured = build_model("structured", spec, {"dim": 16}).eval()
+    batch = _batch(data)
+    lengths = torch.tensor([6, 4, 6, 6, 5, 6, 6, 6, 3, 6])
+    gen = DecodedListGenerator(structured, "beam", count=5, beam_width=3)
+    assert gen.count == 1
+    lists = gen.propose(batch, lengths, 6, 1)
+    assert lists.shape == (batch.batch_size, 1, 6)
+    own = structured.generate(batch, lengths, "beam", beam_width=3)
+    for b in range(batch.batch_size):
+        m = int(lengths[b])
+        assert torch.equal(lists[b, 0, :m], own[b, :m]) and (lists[b, 0, m:] < 0).all()
+    _check_lists(lists[lengths == 6], collate([RerankDataset(data, split="train")[i]
+                                               for i in range(10) if lengths[i] == 6]), 6)
 
 
 def test_perturbations_are_seeded_and_differ_from_the_upstream_order(data: Path) -> None:
