@@ -766,9 +766,14 @@ def bench_quality(quick: bool, out_dir: Path, seeds: str, shared_data: Path | No
                    "ppo_teacher.")
 @click.option("--out-stem", default="",
               help="Result file name (default preference / preference_quick).")
+@click.option("--dpo-set", "dpo_overrides", multiple=True,
+              help="Override the DPO fine-tuning config (every DPO row): loss.0.nll_weight=1.")
+@click.option("--ppo-set", "ppo_overrides", multiple=True,
+              help="Override the PPO fine-tuning config (every PPO row): train.lr=1e-4.")
 @_user_errors
 def bench_preference(quick: bool, out_dir: Path, seeds: str, datasets: str | None,
-                     merge: bool, policies: str | None, out_stem: str) -> None:
+                     merge: bool, policies: str | None, out_stem: str,
+                     dpo_overrides: tuple[str, ...], ppo_overrides: tuple[str, ...]) -> None:
     """Reference vs DPO vs PPO vs G-E under the oracle, with the list evaluator or the
     structured model (teacher) as the reward model; Pareto sweep of reward weights."""
     import dataclasses
@@ -782,7 +787,10 @@ def bench_preference(quick: bool, out_dir: Path, seeds: str, datasets: str | Non
     if policies:
         settings = dataclasses.replace(
             settings, policies=tuple(p.strip() for p in policies.split(",") if p.strip()))
-    settings = dataclasses.replace(settings, out_stem=out_stem)
+    settings = dataclasses.replace(
+        settings, out_stem=out_stem,
+        dpo_overrides=(*settings.dpo_overrides, *dpo_overrides),
+        ppo_overrides=(*settings.ppo_overrides, *ppo_overrides))
     run_preference_benchmark(quick, out_dir, seed_list, names, merge, settings=settings,
                              command="genrerank " + " ".join(sys.argv[1:]))
 

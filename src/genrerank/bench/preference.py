@@ -499,6 +499,12 @@ def markdown(result: Mapping[str, Any]) -> str:
              "learned reward model's predicted engagement (the list evaluator's, or the "
              "structured list model's where it was trained), the reward the tuned policies "
              "optimised.", ""]
+    settings = result.get("settings", {})
+    changed = [f"{m.upper()} `{' '.join(settings[f'{m}_overrides'])}`" for m in ("dpo", "ppo")
+               if settings.get(f"{m}_overrides")]
+    if changed:
+        lines += ["Fine-tuning configs: the packaged ones, with " + " and ".join(changed)
+                  + " (chosen on the validation split).", ""]
     for preset, entry in result["datasets"].items():
         summary = entry["summary"]
         lines += [f"## {preset} ({entry['requests']} requests, seeds {entry['seeds']})", ""]
