@@ -396,7 +396,7 @@ def nearline(generator_run: Path, evaluator_run: Path, data_dir: Path, out_file:
                f"lists each, {summary['pairs']} pairs ({summary['requests_with_pairs']:.0%} of "
                f"requests have one; mean reward gap {summary['mean_reward_gap']:.3f}) in "
                f"{summary['seconds']:.0f} s -> {summary['out']}")
-    shares = ", ".join(f"{g} {v:.0%}" for g, v in summary["winner_share"].items() if v)
+    shares = ", ".join(f"{g} {v:.0%}" for g, v in summary["winner_share"].items() if v >= 0.005)
     if shares:
         click.echo(f"winners by proposer: {shares}")
 
