@@ -197,6 +197,8 @@ def test_bad_configs_are_named(data: Path, models: dict, tmp_path: Path) -> None
         build_generator({"type": "nar4rec"})
     with pytest.raises(ValueError, match="perturb"):
         build_generator({"type": "perturb", "swap": 2})
+    with pytest.raises(ValueError, match=r"'decoded': unknown option\(s\) \['count'\]"):
+        build_generator({"type": "decoded", "run": "runs/structured", "count": 3})
     with pytest.raises(ValueError, match="unknown key"):
         Pipeline.from_config({"generators": [{"type": "logging"}], "k": 3})
     with pytest.raises(ValueError, match="does not score lists"):

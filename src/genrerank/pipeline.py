@@ -254,14 +254,15 @@ class DecodedListGenerator(ModelGenerator):
         super().__init__(model, decoder, 1, **params)
 
     @classmethod
-    def from_run(cls, run: str | Path, **kwargs: Any) -> ModelGenerator:
-        from genrerank.experiment import run_decoding
-        from genrerank.training import load_model
-        from genrerank.training.runs import check_run
+    def from_run(cls, run: str | Path, decoder: str | None = None,
+                 params: dict[str, Any] | None = None, **unknown: Any) -> ModelGenerator:
+        """The run's own decoder (or ``decoder``), its options updated with ``params``."""
+        from genrerank.experiment import load_run_for_decoding
 
-        decode = run_decoding(run)
-        decode.update(kwargs.pop("params", {}) or {})
-        model, _ = load_model(check_run(run), "best")
+        if unknown:
+            raise ValueError(f"generator 'decoded': unknown option(s) {sorted(unknown)}; it "
+                             "takes 'run', and optionally 'decoder' and 'params'")
+        model, _, decode = load_run_for_decoding(run, decoder, params)
         return cls(model, decode.pop("name"), **decode)
 
     def propose(self, batch: Batch, lengths: torch.Tensor, width: int,
